@@ -1,0 +1,224 @@
+"""The `runner` command: parses flags, applies them to the job, calls the library, owns progress and exit codes.
+
+Heavy modules (pyarrow, httpx, the engine) are imported inside the commands so `runner --help` is fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import RunnerError
+
+# The one table of exit codes.
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_TOO_MANY_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+EMULATOR_KEY = "sk-emulator-local"
+
+
+def _funnel(command: Callable[..., int | None]) -> Callable[..., None]:
+    """Turn RunnerErrors into a message, a hint and an exit code; bugs keep their traceback with --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> None:
+        try:
+            code = command(*args, **kwargs)
+        except RunnerError as error:
+            if debug:
+                raise
+            click.echo(f"error: {error.message}", err=True)
+            if error.hint:
+                click.echo(f"hint: {error.hint}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; committed rows are kept, run the same command again to resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code or EXIT_OK)
+
+    return click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(wrapper)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dashscope-batch-runner", prog_name="runner")
+def main() -> None:
+    """Push a file of prompts through DashScope (or any OpenAI-compatible endpoint) into a Parquet table."""
+
+
+def _job_overrides(func: Callable) -> Callable:
+    options = [
+        click.option("--output", type=click.Path(dir_okay=False), help="Output Parquet path (overrides [output] path)."),
+        click.option("--concurrency", type=int, help="Requests in flight at once (overrides [run] concurrency)."),
+        click.option("--limit", type=int, help="Only the first N input rows."),
+        click.option("--model", help="Model name (overrides [model] name; per-row model columns still win)."),
+        click.option("--base-url", help="Endpoint base URL, e.g. http://127.0.0.1:8000/compatible-mode/v1."),
+        click.option("--max-error-rate", type=float,
+                     help="Exit 3 when more than this fraction of rows failed (default [run] max_error_rate, 0)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(job: str, **overrides: Any):
+    from .spec import load_job
+
+    return load_job(job).override(**overrides)
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@_job_overrides
+@click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed.")
+@click.option("--overwrite", is_flag=True, help="Replace an output file left by a finished run.")
+@click.option("--restart", is_flag=True, help="Discard an unfinished run's committed rows and start over.")
+@click.option("--emulator", "use_emulator", is_flag=True,
+              help="Rehearse against the built-in DashScope emulator on loopback (no key, no network).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@_funnel
+def run(job: str, overwrite: bool, restart: bool, use_emulator: bool, quiet: bool, **overrides: Any) -> int:
+    """Send every row of JOB and write the results to Parquet (resumes an unfinished run)."""
+    import anyio
+
+    from .engine import run_job
+
+    spec = _load(job, **overrides)
+    emulator = None
+    api_key = None
+    if use_emulator:
+        from .emulator import Emulator
+        from .endpoints import ApiKey
+
+        emulator = Emulator().start()
+        base = emulator.openai_base_url if spec.endpoint.dialect == "openai" else emulator.dashscope_base_url
+        spec = spec.override(base_url=base)
+        api_key = ApiKey(EMULATOR_KEY)
+        if not quiet:
+            click.echo(f"rehearsing against the built-in emulator at {base}", err=True)
+    progress = _Progress(enabled=not quiet and sys.stderr.isatty())
+    try:
+        summary = anyio.run(functools.partial(run_job, spec, api_key=api_key, on_start=progress.start,
+                                              on_result=progress.update, overwrite=overwrite, restart=restart))
+    finally:
+        progress.close()
+        if emulator is not None:
+            emulator.stop()
+    if not quiet:
+        click.echo(summary.render(), err=True)
+        click.echo(f"summary    {spec.output.summary_path}", err=True)
+    if summary.rows and summary.error_rate > spec.run.max_error_rate:
+        click.echo(f"error: {summary.failed:,} of {summary.rows:,} rows failed ({summary.error_rate:.2%}), more than "
+                   f"--max-error-rate {spec.run.max_error_rate:g} allows", err=True)
+        return EXIT_TOO_MANY_FAILED
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@_job_overrides
+@click.option("--problems", "show", type=int, default=10, show_default=True, help="How many problem rows to list.")
+@_funnel
+def validate(job: str, show: int, **overrides: Any) -> int:
+    """Read JOB and its whole input, render every request, report problems. Sends nothing."""
+    from .validate import validate_job
+
+    spec = _load(job, **overrides)
+    report = validate_job(spec, show=show)
+    click.echo(report.render())
+    if report.rows and report.invalid / report.rows > spec.run.max_error_rate:
+        return EXIT_TOO_MANY_FAILED
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_funnel
+def summary(output: str, as_json: bool) -> int:
+    """Counts by status and error class, tokens, latency percentiles and throughput of an OUTPUT file."""
+    import json
+
+    from .report import summarize_file
+
+    result = summarize_file(output)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render())
+    return EXIT_OK
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on (0 picks a free one).")
+@click.option("--latency-ms", default=0.0, show_default=True, type=float, help="Delay before every answer.")
+@click.option("--jitter-ms", default=0.0, show_default=True, type=float, help="Extra random delay, 0 to this.")
+@click.option("--fault", "faults", multiple=True, metavar="NAME=RATE",
+              help="Inject a fault into this fraction of attempts, e.g. --fault 429=0.1 --fault 500=0.05.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the deterministic fault draw.")
+@click.option("--retry-after", type=float, help="Send Retry-After with 429s (the real API sends none).")
+@_funnel
+def emulator(host: str, port: int, latency_ms: float, jitter_ms: float, faults: tuple[str, ...], seed: int,
+             retry_after: float | None) -> int:
+    """Serve a local stand-in for DashScope (both dialects) for rehearsals, tests and benchmarks."""
+    from .emulator import EmulatorConfig, parse_fault_spec, run_forever
+
+    try:
+        parsed = dict(parse_fault_spec(text) for text in faults)
+        config = EmulatorConfig(latency_ms=latency_ms, latency_jitter_ms=jitter_ms, faults=parsed, seed=seed,
+                                retry_after=retry_after)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
+    run_forever(config, host, port)
+    return EXIT_OK
+
+
+class _Progress:
+    """tqdm on stderr: rows done of total, ok/failed, requests/s and tokens; off when not a TTY or --quiet."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.ok = self.failed = self.tokens = self.requests = 0
+        self._started = time.monotonic()
+        self._last_postfix = 0.0
+
+    def start(self, total: int | None, done: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="row", file=sys.stderr, dynamic_ncols=True,
+                        mininterval=0.2, smoothing=0.1)
+        self._started = time.monotonic()
+
+    def update(self, result) -> None:
+        if self.bar is None:
+            return
+        if result.ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.requests += result.attempts
+        self.tokens += result.usage.total_tokens or 0
+        self.bar.update(1)
+        now = time.monotonic()
+        if now - self._last_postfix >= 0.5:
+            self._last_postfix = now
+            elapsed = max(now - self._started, 1e-6)
+            self.bar.set_postfix_str(f"ok={self.ok:,} failed={self.failed:,} req/s={self.requests / elapsed:,.0f} "
+                                     f"tokens={self.tokens:,}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

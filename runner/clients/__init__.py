@@ -1,0 +1,109 @@
+"""HTTP clients for the two API dialects.
+
+Each dialect module is a set of pure functions (build_payload, parse_success, error_fields,
+CODE_TABLE); `ChatClient` is the one async class that sends a request with httpx and hands the
+answer to its dialect. Only this package sees httpx exceptions and status codes.
+"""
+
+from __future__ import annotations
+
+import json
+from types import ModuleType
+from typing import Mapping
+from urllib.parse import quote
+
+import httpx
+
+from ..endpoints import ApiKey, chat_url, request_headers
+from ..errors import CallError, PermanentCallError, RunnerError, TransientCallError
+from ..records import Completion, Request
+from ..spec import EndpointSpec
+from . import dashscope_native, openai_compat
+from .classify import body_snippet, kind_of, parse_error_body, retry_after_seconds, to_error
+
+DIALECTS: dict[str, ModuleType] = {"openai": openai_compat, "dashscope": dashscope_native}
+
+# Sent with every request so the emulator (and any proxy a user runs) can count per row; the
+# provider ignores unknown headers.
+ROW_KEY_HEADER = "X-Runner-Row-Key"
+
+
+def classify_answer(dialect: ModuleType, status: int, body: bytes, headers: Mapping[str, str],
+                    *, region_hint: str = "this region") -> CallError | RunnerError:
+    """The error for a non-2xx answer, by status, body code and message."""
+    code, message, request_id = dialect.error_fields(parse_error_body(body))
+    if not code and not message:
+        message = body_snippet(body)
+    kind = kind_of(status, code, message, dialect.CODE_TABLE)
+    return to_error(kind, status=status, code=code, message=message,
+                    request_id=request_id or headers.get("x-request-id"),
+                    retry_after=retry_after_seconds(headers), region_hint=region_hint)
+
+
+def _transport_error(exc: httpx.TransportError) -> TransientCallError:
+    """A timeout or a failed connection. The aiohttp transport maps every aiohttp connection error
+    to httpx.ConnectTimeout, so its cause tells which it really was."""
+    cause = exc.__cause__
+    if cause is not None and type(cause).__module__.startswith("aiohttp"):
+        timed_out = isinstance(cause, TimeoutError)
+    else:
+        timed_out = isinstance(exc, httpx.TimeoutException)
+    if timed_out:
+        return TransientCallError(f"request timed out ({type(cause or exc).__name__})", code="timeout")
+    detail = str(cause or exc) or type(cause or exc).__name__
+    return TransientCallError(f"connection failed: {detail}", code="connection_error")
+
+
+class ChatClient:
+    """Sends one attempt of a chat request. Raises CallError (row-level) or RunnerError (run-level)."""
+
+    def __init__(self, endpoint: EndpointSpec, api_key: ApiKey, *, max_connections: int,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.endpoint = endpoint
+        self.dialect = DIALECTS[endpoint.dialect]
+        self.url = chat_url(endpoint)
+        self._api_key = api_key
+        self._max_connections = max_connections
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self._region_hint = (f"the host {self.url.split('/')[2]}" if endpoint.base_url
+                             else f"region {endpoint.region}")
+
+    def __repr__(self) -> str:
+        return f"ChatClient(dialect={self.endpoint.dialect!r}, url={self.url!r})"
+
+    async def __aenter__(self) -> "ChatClient":
+        limits = httpx.Limits(max_connections=self._max_connections,
+                              max_keepalive_connections=self._max_connections)
+        transport = self._transport
+        if transport is None and self.endpoint.transport == "aiohttp":
+            from httpx_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(limits=limits)
+        timeout = httpx.Timeout(self.endpoint.timeout, connect=self.endpoint.connect_timeout)
+        # Created here, not in __init__, so no state is bound to an event loop before it runs.
+        self._http = httpx.AsyncClient(headers=request_headers(self.endpoint, self._api_key), timeout=timeout,
+                                       limits=limits, transport=transport, trust_env=False)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def complete(self, request: Request) -> Completion:
+        assert self._http is not None, "use `async with ChatClient(...)`"
+        try:
+            payload = json.dumps(self.dialect.build_payload(request), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise PermanentCallError(f"the request cannot be encoded as JSON ({exc})", code="unencodable_request") from None
+        key = request.key if request.key.isascii() else quote(request.key, safe="")
+        try:
+            response = await self._http.post(self.url, content=payload, headers={ROW_KEY_HEADER: key})
+        except httpx.TransportError as exc:
+            raise _transport_error(exc) from exc
+        headers = response.headers
+        if 200 <= response.status_code < 300:
+            return self.dialect.parse_success(response.content, headers)
+        raise classify_answer(self.dialect, response.status_code, response.content, headers,
+                              region_hint=self._region_hint)

@@ -1,0 +1,89 @@
+"""Native DashScope API (`/api/v1/services/aigc/text-generation/generation`): payloads, answers, errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from ..errors import BadResponse, TransientCallError
+from ..records import Completion, Request, Usage
+from .classify import AUTH, PERMANENT, QUOTA, THROTTLED, TRANSIENT
+from .openai_compat import text_of
+
+NAME = "dashscope"
+
+# Body `code` -> kind. API facts 5.2, native column. Dotted codes not listed fall back to their
+# first part (Throttling.X -> Throttling), then to the HTTP status.
+CODE_TABLE: dict[str, str] = {
+    "InvalidApiKey": AUTH, "Workspace.AccessDenied": AUTH, "WorkSpaceNotFound": AUTH,
+    "Arrearage": QUOTA, "PrepaidBillOverdue": QUOTA, "PostpaidBillOverdue": QUOTA,
+    "CommodityNotPurchased": QUOTA, "AllocationQuota.FreeTierOnly": QUOTA,
+    "Throttling": THROTTLED, "Throttling.RateQuota": THROTTLED, "Throttling.BurstRate": THROTTLED,
+    "Throttling.AllocationQuota": THROTTLED, "Throttling.Concurrency": THROTTLED,
+    "LimitRequests": THROTTLED, "ResourceExhausted": THROTTLED, "ModelServingError": THROTTLED,
+    "InternalError": TRANSIENT, "InternalError.Algo": TRANSIENT, "InternalError.Timeout": TRANSIENT,
+    "SystemError": TRANSIENT, "ModelServiceFailed": TRANSIENT, "ModelUnavailable": TRANSIENT,
+    "RequestTimeOut": TRANSIENT,
+    "InvalidParameter": PERMANENT, "InternalError.Algo.InvalidParameter": PERMANENT,
+    "InvalidParameter.NotSupportEnableThinking": PERMANENT, "DataInspectionFailed": PERMANENT,
+    "BadRequest": PERMANENT, "AccessDenied": PERMANENT, "AccessDenied.Unpurchased": PERMANENT,
+    "Model.AccessDenied": PERMANENT, "App.AccessDenied": PERMANENT, "ModelNotFound": PERMANENT,
+    "NotFound": PERMANENT,
+}
+
+
+def build_payload(request: Request) -> dict[str, Any]:
+    """`result_format: message` always, so both dialects answer with choices[0].message."""
+    return {
+        "model": request.model,
+        "input": {"messages": list(request.messages)},
+        "parameters": {"result_format": "message", **request.params},
+    }
+
+
+def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise TransientCallError(f"truncated or malformed JSON in a 200 answer ({exc})", code="malformed_body",
+                                 http_status=200, request_id=headers.get("x-request-id")) from exc
+    request_id = (data.get("request_id") if isinstance(data, dict) else None) or headers.get("x-request-id")
+    try:
+        output = data["output"]
+        if output.get("choices"):
+            choice = output["choices"][0]
+            message = choice.get("message") or {}
+            content, reasoning = text_of(message.get("content")), message.get("reasoning_content") or None
+        else:  # result_format=text
+            choice, content, reasoning = output, output["text"], None
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise BadResponse("a 200 answer without output.choices[0].message or output.text", code="bad_response",
+                          http_status=200, request_id=request_id) from exc
+    usage = data.get("usage") or {}
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    output_details = usage.get("output_tokens_details") or {}
+    finish = choice.get("finish_reason")
+    return Completion(
+        content=content,
+        reasoning=reasoning,
+        finish_reason=None if finish == "null" else finish,
+        usage=Usage(
+            input_tokens=usage.get("input_tokens"),
+            output_tokens=usage.get("output_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            cached_tokens=prompt_details.get("cached_tokens"),
+            reasoning_tokens=output_details.get("reasoning_tokens"),
+        ),
+        request_id=request_id,
+    )
+
+
+def error_fields(data: dict | None) -> tuple[str | None, str, str | None]:
+    """(code, message, request_id) from `{"code", "message" | "msg", "request_id"}`."""
+    if not data:
+        return None, "", None
+    error = data.get("error")
+    if isinstance(error, dict):  # a gateway answering in the compatible shape
+        return error.get("code"), str(error.get("message") or ""), data.get("request_id")
+    code = data.get("code")
+    return (str(code) if code else None), str(data.get("message") or data.get("msg") or ""), data.get("request_id")

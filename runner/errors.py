@@ -1,0 +1,115 @@
+"""The exception tree. A leaf module: imports nothing from runner.
+
+Run failures are exceptions (a subclass of RunnerError reaches the CLI, which prints its
+message and hint and maps it to an exit code). Row failures are data: a CallError never
+reaches the CLI, the engine turns it into an error row of the output table.
+"""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """A problem the user can act on: shown as a message and a hint, never a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class SpecError(RunnerError):
+    """The job file or a flag is invalid: unknown key, wrong type, missing key env var."""
+
+    exit_code = 2
+
+
+class SourceError(RunnerError):
+    """The input file is missing or unreadable, or a named column is absent from it."""
+
+    exit_code = 2
+
+
+class SinkError(RunnerError):
+    """The output cannot be written."""
+
+    exit_code = 1
+
+
+class AuthError(RunnerError):
+    """The endpoint rejects the key itself (wrong key, wrong region, workspace): no row can succeed."""
+
+    exit_code = 1
+
+
+class QuotaExhausted(RunnerError):
+    """The account cannot pay for more calls (arrears, overdue bill, free quota gone)."""
+
+    exit_code = 1
+
+
+class CallError(Exception):
+    """One request failed. Carries what the output row records about the failure."""
+
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        http_status: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.http_status = http_status
+        self.request_id = request_id
+
+    @property
+    def error_type(self) -> str:
+        return type(self).__name__
+
+
+class TransientCallError(CallError):
+    """5xx, timeouts, connection resets, truncated bodies: worth another attempt."""
+
+    retryable = True
+
+
+class Throttled(TransientCallError):
+    """429 rate, burst or token throttling; `retry_after` is the server's hint in seconds, if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class PermanentCallError(CallError):
+    """The request itself is wrong (4xx): invalid parameter, moderation, unknown model."""
+
+
+class BadResponse(PermanentCallError):
+    """A 2xx answer whose body cannot be understood."""
+
+
+class InvalidRow(PermanentCallError):
+    """The input row cannot be turned into a request (bad JSON, missing column, empty prompt)."""
+
+
+__all__ = [
+    "RunnerError",
+    "SpecError",
+    "SourceError",
+    "SinkError",
+    "AuthError",
+    "QuotaExhausted",
+    "CallError",
+    "TransientCallError",
+    "Throttled",
+    "PermanentCallError",
+    "BadResponse",
+    "InvalidRow",
+]

@@ -1,0 +1,84 @@
+"""Retry policy: which failures are tried again, how long to wait, when to stop.
+
+One retry loop sees every failure (there are no SDK retries underneath). Transient errors and
+throttling are retried with full-jitter exponential backoff; a server's Retry-After is honoured up
+to a cap; each attempt has a hard deadline; permanent errors are not retried; run-level errors
+(AuthError, QuotaExhausted) pass straight through to stop the run.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from .errors import CallError, Throttled, TransientCallError
+from .records import Completion, Request
+from .spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    retry_after_max: float = 120.0
+    attempt_timeout: float = 300.0
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> "RetryPolicy":
+        return cls(max_attempts=spec.run.max_attempts, backoff_initial=spec.run.backoff_initial,
+                   backoff_max=spec.run.backoff_max, retry_after_max=spec.run.retry_after_max,
+                   attempt_timeout=spec.endpoint.timeout)
+
+    def wait_seconds(self, retry_state: RetryCallState) -> float:
+        """Retry-After (capped, plus jitter) when the server gave one, else full-jitter exponential."""
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, Throttled) and error.retry_after is not None:
+            return min(error.retry_after, self.retry_after_max) + random.uniform(0, self.backoff_initial)
+        return wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)(retry_state)
+
+
+def _retryable(error: BaseException) -> bool:
+    return isinstance(error, CallError) and error.retryable
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the retry loop ends with: a completion or the last error, and how it got there."""
+
+    completion: Completion | None
+    error: CallError | None
+    attempts: int
+    last_latency_ms: float | None
+
+
+async def call_with_retries(call: Callable[[Request], Awaitable[Completion]], request: Request,
+                            policy: RetryPolicy, *, sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+                            clock: Callable[[], float] = time.perf_counter) -> Outcome:
+    """Run `call(request)` until it succeeds, fails for good, or runs out of attempts.
+
+    RunnerErrors raised by `call` are not caught: they stop the run.
+    """
+    latency_ms: float | None = None
+    retrying = AsyncRetrying(stop=stop_after_attempt(policy.max_attempts), wait=policy.wait_seconds,
+                             retry=retry_if_exception(_retryable), sleep=sleep, reraise=True)
+    try:
+        async for attempt in retrying:
+            with attempt:
+                started = clock()
+                try:
+                    with anyio.fail_after(policy.attempt_timeout):
+                        completion = await call(request)
+                except TimeoutError:
+                    raise TransientCallError(f"no answer within {policy.attempt_timeout:g} s",
+                                             code="timeout") from None
+                finally:
+                    latency_ms = (clock() - started) * 1000
+        return Outcome(completion, None, retrying.statistics.get("attempt_number", 1), latency_ms)
+    except CallError as error:
+        return Outcome(None, error, retrying.statistics.get("attempt_number", 1), latency_ms)

@@ -1,0 +1,144 @@
+"""The values that flow through a run: Request -> Completion or CallError -> Result.
+
+A leaf module with no I/O. `result_schema` is the one place the output table's columns are named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One input row rendered into a chat request (or, with `problem` set, a row that could not be)."""
+
+    row_id: int
+    key: str
+    model: str
+    messages: tuple[Mapping[str, Any], ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    kept: Mapping[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A parsed successful answer."""
+
+    content: str | None
+    reasoning: str | None
+    finish_reason: str | None
+    usage: Usage
+    request_id: str | None
+    http_status: int = 200
+
+
+@dataclass(slots=True)
+class Result:
+    """One output row: a success or a recorded failure, never both."""
+
+    row_id: int
+    key: str
+    model: str
+    status: str  # "ok" or "error"
+    kept: Mapping[str, Any] = field(default_factory=dict)
+    response: str | None = None
+    reasoning: str | None = None
+    finish_reason: str | None = None
+    usage: Usage = Usage()
+    request_id: str | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+_TS = pa.timestamp("us", tz="UTC")
+
+# Columns before and after the kept input columns, in output order.
+LEADING_FIELDS = (pa.field("row_id", pa.int64(), nullable=False), pa.field("key", pa.string()))
+RESULT_FIELDS = (
+    pa.field("model", pa.string()),
+    pa.field("response", pa.string()),
+    pa.field("reasoning", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("input_tokens", pa.int64()),
+    pa.field("output_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+    pa.field("cached_tokens", pa.int64()),
+    pa.field("reasoning_tokens", pa.int64()),
+    pa.field("request_id", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("error_code", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("http_status", pa.int32()),
+    pa.field("attempts", pa.int32()),
+    pa.field("latency_ms", pa.float64()),
+    pa.field("started_at", _TS),
+    pa.field("finished_at", _TS),
+)
+RESERVED_COLUMNS = frozenset(f.name for f in LEADING_FIELDS + RESULT_FIELDS)
+
+RESULT_SCHEMA = pa.schema(LEADING_FIELDS + RESULT_FIELDS)
+
+
+def result_schema(kept_fields: tuple[pa.Field, ...] = ()) -> pa.Schema:
+    """The output schema: row_id, key, the kept input columns, then the result columns."""
+    return pa.schema(LEADING_FIELDS + tuple(kept_fields) + RESULT_FIELDS)
+
+
+def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
+    """Column-wise conversion of results (in any order) into a table with `schema`."""
+    kept_names = [f.name for f in schema if f.name not in RESERVED_COLUMNS]
+    usage = [r.usage for r in results]
+    columns: dict[str, list] = {
+        "row_id": [r.row_id for r in results],
+        "key": [r.key for r in results],
+        "model": [r.model for r in results],
+        "response": [r.response for r in results],
+        "reasoning": [r.reasoning for r in results],
+        "finish_reason": [r.finish_reason for r in results],
+        "input_tokens": [u.input_tokens for u in usage],
+        "output_tokens": [u.output_tokens for u in usage],
+        "total_tokens": [u.total_tokens for u in usage],
+        "cached_tokens": [u.cached_tokens for u in usage],
+        "reasoning_tokens": [u.reasoning_tokens for u in usage],
+        "request_id": [r.request_id for r in results],
+        "status": [r.status for r in results],
+        "error_type": [r.error_type for r in results],
+        "error_code": [r.error_code for r in results],
+        "error_message": [r.error_message for r in results],
+        "http_status": [r.http_status for r in results],
+        "attempts": [r.attempts for r in results],
+        "latency_ms": [r.latency_ms for r in results],
+        "started_at": [r.started_at for r in results],
+        "finished_at": [r.finished_at for r in results],
+    }
+    for name in kept_names:
+        columns[name] = [r.kept.get(name) for r in results]
+    return pa.Table.from_pydict({f.name: columns[f.name] for f in schema}, schema=schema)

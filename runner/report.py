@@ -1,0 +1,162 @@
+"""RunSummary: what a run did, from live results or from an output file; text and JSON renderings."""
+
+from __future__ import annotations
+
+import json
+import math
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import SourceError
+from .records import Result
+
+
+@dataclass
+class RunSummary:
+    rows: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped_done: int = 0          # rows already done by an earlier run (resume)
+    attempts: int = 0              # requests sent, retries included
+    errors: Counter = field(default_factory=Counter)        # (error_type, error_code) -> rows
+    finish_reasons: Counter = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    wall_seconds: float | None = None
+    output: str | None = None
+    _latencies: array = field(default_factory=lambda: array("d"), repr=False)
+    _first_start: datetime | None = field(default=None, repr=False)
+    _last_finish: datetime | None = field(default=None, repr=False)
+
+    def add(self, result: Result) -> None:
+        self.rows += 1
+        self.attempts += result.attempts
+        if result.ok:
+            self.ok += 1
+            self.finish_reasons[result.finish_reason or "unknown"] += 1
+            if result.latency_ms is not None:
+                self._latencies.append(result.latency_ms)
+        else:
+            self.failed += 1
+            self.errors[(result.error_type or "Error", result.error_code or "")] += 1
+        usage = result.usage
+        self.input_tokens += usage.input_tokens or 0
+        self.output_tokens += usage.output_tokens or 0
+        self.total_tokens += usage.total_tokens or 0
+        self.cached_tokens += usage.cached_tokens or 0
+        self.reasoning_tokens += usage.reasoning_tokens or 0
+        if result.started_at and (self._first_start is None or result.started_at < self._first_start):
+            self._first_start = result.started_at
+        if result.finished_at and (self._last_finish is None or result.finished_at > self._last_finish):
+            self._last_finish = result.finished_at
+
+    @property
+    def error_rate(self) -> float:
+        return self.failed / self.rows if self.rows else 0.0
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        values = sorted(self._latencies)
+        return {name: _percentile(values, q) for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+
+    @property
+    def span_seconds(self) -> float | None:
+        if self.wall_seconds is not None:
+            return self.wall_seconds
+        if self._first_start and self._last_finish:
+            return max((self._last_finish - self._first_start).total_seconds(), 1e-9)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        span = self.span_seconds
+        return {
+            "output": self.output,
+            "rows": self.rows,
+            "ok": self.ok,
+            "failed": self.failed,
+            "skipped_already_done": self.skipped_done,
+            "error_rate": round(self.error_rate, 6),
+            "requests_sent": self.attempts,
+            "errors": [{"error_type": t, "error_code": c or None, "rows": n}
+                       for (t, c), n in self.errors.most_common()],
+            "finish_reasons": dict(self.finish_reasons.most_common()),
+            "tokens": {"input": self.input_tokens, "output": self.output_tokens, "total": self.total_tokens,
+                       "cached": self.cached_tokens, "reasoning": self.reasoning_tokens},
+            "latency_ms": {k: (round(v, 1) if v is not None else None) for k, v in self.latency_percentiles().items()},
+            "wall_seconds": round(span, 3) if span else None,
+            "rows_per_second": round(self.rows / span, 2) if span else None,
+            "tokens_per_second": round(self.total_tokens / span, 1) if span else None,
+        }
+
+    def render(self) -> str:
+        d = self.to_dict()
+        lat = d["latency_ms"]
+        lines = [
+            f"rows       {d['rows']:,}  ok {d['ok']:,}  failed {d['failed']:,}"
+            + (f"  (skipped {d['skipped_already_done']:,} already done)" if d["skipped_already_done"] else ""),
+            f"requests   {d['requests_sent']:,} sent (retries included)",
+            f"tokens     input {self.input_tokens:,}  output {self.output_tokens:,}  total {self.total_tokens:,}"
+            + (f"  cached {self.cached_tokens:,}" if self.cached_tokens else "")
+            + (f"  reasoning {self.reasoning_tokens:,}" if self.reasoning_tokens else ""),
+            "latency    " + "  ".join(f"{k} {_ms(v)}" for k, v in lat.items()),
+        ]
+        if d["wall_seconds"]:
+            lines.append(f"throughput {d['rows_per_second']:,} rows/s  {d['tokens_per_second']:,} tokens/s  "
+                         f"over {d['wall_seconds']:,} s")
+        for err in d["errors"][:10]:
+            lines.append(f"error      {err['rows']:,} x {err['error_type']}" + (f" {err['error_code']}" if err["error_code"] else ""))
+        if len(d["errors"]) > 10:
+            lines.append(f"error      ... {len(d['errors']) - 10} more classes")
+        if self.output:
+            lines.append(f"output     {self.output}")
+        return "\n".join(lines)
+
+
+def _percentile(sorted_values, q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} ms"
+
+
+SUMMARY_COLUMNS = ["status", "error_type", "error_code", "finish_reason", "attempts", "latency_ms", "input_tokens",
+                   "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "started_at", "finished_at"]
+
+
+def summarize_file(path: str | Path) -> RunSummary:
+    """A summary from an output Parquet file, read batch by batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .records import Usage
+
+    path = Path(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: file not found") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in SUMMARY_COLUMNS if parquet.schema_arrow.get_field_index(c) < 0]
+    if missing:
+        raise SourceError(f"{path}: not a runner output (no column {', '.join(missing)})")
+    summary = RunSummary(output=str(path))
+    for batch in parquet.iter_batches(columns=SUMMARY_COLUMNS, batch_size=65_536):
+        for row in batch.to_pylist():
+            summary.add(Result(
+                row_id=0, key="", model="", status=row["status"], finish_reason=row["finish_reason"],
+                usage=Usage(row["input_tokens"], row["output_tokens"], row["total_tokens"], row["cached_tokens"],
+                            row["reasoning_tokens"]),
+                error_type=row["error_type"], error_code=row["error_code"], attempts=row["attempts"] or 0,
+                latency_ms=row["latency_ms"], started_at=row["started_at"], finished_at=row["finished_at"]))
+    return summary

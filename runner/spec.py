@@ -1,0 +1,350 @@
+"""JobSpec: the job file as frozen values. `load_job(path)` reads TOML, checks every key and type.
+
+Every problem is a SpecError naming the file and the key (`[model] temperature`). Paths in the
+file are resolved relative to the file's folder. CLI overrides go through `JobSpec.override`,
+which changes only what was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import string
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .endpoints import resolve_host
+from .errors import SpecError
+from .records import RESERVED_COLUMNS
+
+DIALECTS = ("openai", "dashscope")
+TRANSPORTS = ("aiohttp", "httpx")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    path: Path
+    id_column: str | None = None
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    template: str | None = None
+    system_prompt: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    model_column: str | None = None
+    params_column: str | None = None
+
+    @property
+    def template_columns(self) -> tuple[str, ...]:
+        return template_fields(self.template) if self.template is not None else ()
+
+    def needed_columns(self) -> tuple[str, ...]:
+        """Input columns the job reads, in a stable order without repeats."""
+        names = [self.id_column, self.prompt_column, self.messages_column, *self.template_columns,
+                 *self.keep_columns, self.model_column, self.params_column]
+        return tuple(dict.fromkeys(n for n in names if n))
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    dialect: str = "openai"
+    region: str = "singapore"
+    base_url: str | None = None
+    workspace: str | None = None
+    api_key_env: str = "DASHSCOPE_API_KEY"
+    api_key_file: Path | None = None
+    timeout: float = 300.0
+    connect_timeout: float = 10.0
+    transport: str = "aiohttp"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    # Generation parameters given in the job, in the provider's names; only those given are sent.
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    concurrency: int = 64
+    max_attempts: int = 6
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    retry_after_max: float = 120.0
+    max_error_rate: float = 0.0
+    limit: int | None = None
+    part_rows: int = 1000
+    part_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    path: Path
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path.with_name(self.path.stem + ".summary.json")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    source: Path | None
+    input: InputSpec
+    endpoint: EndpointSpec
+    model: ModelSpec
+    run: RunSpec
+    output: OutputSpec
+
+    @property
+    def name(self) -> str:
+        return self.source.stem if self.source else "job"
+
+    def override(self, **given: Any) -> "JobSpec":
+        """A copy with CLI values applied; keys whose value is None were not given and change nothing."""
+        spec = self
+        sections = {"concurrency": "run", "limit": "run", "max_error_rate": "run", "max_attempts": "run",
+                    "base_url": "endpoint", "dialect": "endpoint", "api_key_env": "endpoint"}
+        for name, value in given.items():
+            if value is None:
+                continue
+            if name == "model":
+                spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=value))
+            elif name == "output":
+                spec = dataclasses.replace(spec, output=OutputSpec(_parquet_path(Path(value))))
+            elif name in sections:
+                section = sections[name]
+                _check_override(name, value)
+                replaced = dataclasses.replace(getattr(spec, section), **{name: value})
+                spec = dataclasses.replace(spec, **{section: replaced})
+            else:
+                raise ValueError(f"unknown override {name!r}")
+        return spec
+
+
+def _check_override(name: str, value: Any) -> None:
+    where = f"--{name.replace('_', '-')}"
+    if name in ("concurrency", "max_attempts") and value < 1:
+        raise SpecError(f"{where}: expected an integer >= 1, got {value}")
+    if name == "limit" and value < 0:
+        raise SpecError(f"{where}: expected an integer >= 0, got {value}")
+    if name == "max_error_rate" and not 0 <= value <= 1:
+        raise SpecError(f"{where}: expected a number from 0 to 1, got {value}")
+    if name == "dialect" and value not in DIALECTS:
+        raise SpecError(f"{where}: expected one of {', '.join(DIALECTS)}, got {value!r}")
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """Column names used as {placeholders}; raises ValueError for a malformed template."""
+    names = []
+    for _literal, name, _spec, _conv in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name or not name.replace("_", "a").replace("-", "a").replace(" ", "a").isalnum():
+            raise ValueError(f"placeholder {{{name}}} is not a plain column name (use {{{{ and }}}} for literal braces)")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+# --- the key table -----------------------------------------------------------------------------
+
+_STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "true or false"
+
+# Generation parameters accepted under [model], with the type each must have. They are sent under
+# these names (DashScope spells them the same in both dialects).
+MODEL_PARAMS: dict[str, str] = {
+    "temperature": _NUM, "top_p": _NUM, "top_k": _INT, "max_tokens": _INT,
+    "max_completion_tokens": _INT, "seed": _INT, "stop": "a string or a list of strings",
+    "enable_thinking": _BOOL, "thinking_budget": _INT, "presence_penalty": _NUM,
+    "frequency_penalty": _NUM, "repetition_penalty": _NUM, "response_format": "a table",
+    "enable_search": _BOOL, "max_input_tokens": _INT,
+}
+
+_SECTIONS: dict[str, dict[str, str]] = {
+    "input": {"path": _STR, "id_column": _STR, "prompt_column": _STR, "messages_column": _STR,
+              "template": _STR, "system_prompt": _STR, "keep_columns": "a list of strings",
+              "model_column": _STR, "params_column": _STR},
+    "endpoint": {"dialect": _STR, "region": _STR, "base_url": _STR, "workspace": _STR,
+                 "api_key_env": _STR, "api_key_file": _STR, "timeout": _NUM,
+                 "connect_timeout": _NUM, "transport": _STR, "api_key": "never set here"},
+    "model": {"name": _STR, **MODEL_PARAMS, "extra": "a table"},
+    "run": {"concurrency": _INT, "max_attempts": _INT, "backoff_initial": _NUM, "backoff_max": _NUM,
+            "retry_after_max": _NUM, "max_error_rate": _NUM, "limit": _INT, "part_rows": _INT,
+            "part_seconds": _NUM},
+    "output": {"path": _STR},
+}
+
+
+def _type_ok(expected: str, value: Any) -> bool:
+    if expected == _STR:
+        return isinstance(value, str)
+    if expected == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected == _BOOL:
+        return isinstance(value, bool)
+    if expected == "a table":
+        return isinstance(value, dict)
+    if expected == "a list of strings":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if expected.startswith("a string or a list"):
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    return False
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and check a job file. Raises SpecError naming the file and key for any problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read job file ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    return parse_job(raw, source=path)
+
+
+def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
+    """Check a job given as a dict (what the TOML parses to)."""
+    where = str(source) if source else "job"
+    base = source.parent if source else Path.cwd()
+
+    def fail(section: str | None, key: str | None, message: str) -> SpecError:
+        at = f"[{section}] {key}" if key else f"[{section}]" if section else ""
+        return SpecError(f"{where}: {at}: {message}" if at else f"{where}: {message}")
+
+    for section, body in raw.items():
+        if section not in _SECTIONS:
+            return _raise(fail(None, None, f"unknown section [{section}]; expected one of "
+                               + ", ".join(f"[{s}]" for s in _SECTIONS)))
+        if not isinstance(body, dict):
+            _raise(fail(section, None, f"expected a table, got {_describe(body)}"))
+        for key, value in body.items():
+            expected = _SECTIONS[section].get(key)
+            if key == "api_key" and section == "endpoint":
+                _raise(fail(section, key, "API keys never go in job files; put the key in an environment "
+                            "variable and name it with api_key_env (default DASHSCOPE_API_KEY)"))
+            if expected is None:
+                _raise(fail(section, key, f"unknown key; expected one of {', '.join(_SECTIONS[section])}"))
+            if not _type_ok(expected, value):
+                _raise(fail(section, key, f"expected {expected}, got {_describe(value)}"))
+
+    def get(section: str, key: str, default: Any = None) -> Any:
+        return raw.get(section, {}).get(key, default)
+
+    def require(section: str, key: str) -> Any:
+        if key not in raw.get(section, {}):
+            _raise(fail(section, key, "missing; this key is required"))
+        return raw[section][key]
+
+    def positive(section: str, key: str, default: Any, *, allow_zero: bool = False) -> Any:
+        value = get(section, key, default)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            _raise(fail(section, key, f"expected a value {'>= 0' if allow_zero else '> 0'}, got {value}"))
+        return value
+
+    # [input]
+    input_path = _join(base, require("input", "path"))
+    sources = [k for k in ("prompt_column", "messages_column", "template") if get("input", k) is not None]
+    if len(sources) != 1:
+        _raise(fail("input", None, "set exactly one of prompt_column, messages_column or template"
+                    + (f" (found {', '.join(sources)})" if sources else "")))
+    template = get("input", "template")
+    if template is not None:
+        try:
+            template_fields(template)
+        except ValueError as exc:
+            _raise(fail("input", "template", str(exc)))
+    keep = tuple(get("input", "keep_columns", ()))
+    for name in keep:
+        if name in RESERVED_COLUMNS:
+            _raise(fail("input", "keep_columns", f"{name!r} is also an output column name; "
+                        "rename it in the input or leave it out"))
+    if len(set(keep)) != len(keep):
+        _raise(fail("input", "keep_columns", "lists a column twice"))
+    inp = InputSpec(
+        path=input_path, id_column=get("input", "id_column"), prompt_column=get("input", "prompt_column"),
+        messages_column=get("input", "messages_column"), template=template,
+        system_prompt=get("input", "system_prompt"), keep_columns=keep,
+        model_column=get("input", "model_column"), params_column=get("input", "params_column"),
+    )
+
+    # [endpoint]
+    dialect = get("endpoint", "dialect", "openai")
+    if dialect not in DIALECTS:
+        _raise(fail("endpoint", "dialect", f"expected one of {', '.join(DIALECTS)}, got {dialect!r}"))
+    transport = get("endpoint", "transport", "aiohttp")
+    if transport not in TRANSPORTS:
+        _raise(fail("endpoint", "transport", f"expected one of {', '.join(TRANSPORTS)}, got {transport!r}"))
+    region = get("endpoint", "region", "singapore")
+    base_url = get("endpoint", "base_url")
+    workspace = get("endpoint", "workspace")
+    if base_url is None:
+        try:
+            resolve_host(region, workspace)
+        except ValueError as exc:
+            _raise(fail("endpoint", "region", str(exc)))
+    elif not base_url.startswith(("http://", "https://")):
+        _raise(fail("endpoint", "base_url", f"expected an http:// or https:// URL, got {base_url!r}"))
+    key_file = get("endpoint", "api_key_file")
+    endpoint = EndpointSpec(
+        dialect=dialect, region=region, base_url=base_url, workspace=workspace,
+        api_key_env=get("endpoint", "api_key_env", "DASHSCOPE_API_KEY"),
+        api_key_file=_join(base, key_file) if key_file else None,
+        timeout=float(positive("endpoint", "timeout", 300.0)),
+        connect_timeout=float(positive("endpoint", "connect_timeout", 10.0)),
+        transport=transport,
+    )
+
+    # [model]
+    model_raw = raw.get("model", {})
+    name = require("model", "name")
+    if not name.strip():
+        _raise(fail("model", "name", "expected a model name, got an empty string"))
+    params = {k: v for k, v in model_raw.items() if k in MODEL_PARAMS}
+    params.update(model_raw.get("extra", {}))
+    model = ModelSpec(name=name, params=MappingProxyType(params))
+
+    # [run]
+    run = RunSpec(
+        concurrency=positive("run", "concurrency", 64),
+        max_attempts=positive("run", "max_attempts", 6),
+        backoff_initial=float(positive("run", "backoff_initial", 1.0, allow_zero=True)),
+        backoff_max=float(positive("run", "backoff_max", 60.0, allow_zero=True)),
+        retry_after_max=float(positive("run", "retry_after_max", 120.0, allow_zero=True)),
+        max_error_rate=float(positive("run", "max_error_rate", 0.0, allow_zero=True)),
+        limit=positive("run", "limit", None, allow_zero=True),
+        part_rows=positive("run", "part_rows", 1000),
+        part_seconds=float(positive("run", "part_seconds", 5.0)),
+    )
+    if run.max_error_rate > 1:
+        _raise(fail("run", "max_error_rate", f"expected a number from 0 to 1, got {run.max_error_rate}"))
+
+    # [output]
+    output = OutputSpec(_parquet_path(_join(base, require("output", "path"))))
+    return JobSpec(source=source, input=inp, endpoint=endpoint, model=model, run=run, output=output)
+
+
+def _parquet_path(path: Path) -> Path:
+    return path if path.suffix == ".parquet" else path.with_name(path.name + ".parquet")
+
+
+def _raise(error: SpecError):
+    raise error
+
+
+def _join(base: Path, relative: str) -> Path:
+    """`relative` resolved against the job file's folder, written without `..` detours."""
+    return Path(os.path.normpath(base / Path(relative).expanduser()))
