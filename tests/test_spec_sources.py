@@ -1,0 +1,165 @@
+"""Job files -> JobSpec, and input rows -> Requests."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner.endpoints import ApiKey, chat_url, resolve_api_key
+from runner.errors import SourceError, SpecError
+from runner.sources import open_source
+from runner.spec import parse_job
+
+BASE = {"input": {"path": "in.jsonl", "prompt_column": "prompt"}, "model": {"name": "qwen-plus"},
+        "output": {"path": "out/x"}}
+
+
+def _spec(tmp_path: Path, **sections):
+    raw = {k: dict(v) for k, v in BASE.items()}
+    for name, body in sections.items():
+        raw.setdefault(name, {}).update(body)
+        raw[name] = {k: v for k, v in raw[name].items() if v is not None}  # None: leave the key out
+    return parse_job(raw, source=tmp_path / "jobs" / "j.toml")
+
+
+def test_paths_are_relative_to_the_job_file(tmp_path):
+    """Input and output paths resolve against the job's folder; .parquet is added to the output name."""
+    spec = _spec(tmp_path, input={"path": "../data/in.jsonl"})
+    assert spec.input.path == tmp_path / "data" / "in.jsonl"
+    assert spec.output.path == tmp_path / "jobs" / "out" / "x.parquet"
+    assert spec.output.summary_path.name == "x.summary.json"
+
+
+def test_defaults_and_model_params(tmp_path):
+    """Defaults fill what is not given; generation parameters and extra fields are kept as given."""
+    spec = _spec(tmp_path, model={"temperature": 0.1, "stop": ["\n"], "extra": {"top_k": 5, "foo": True}})
+    assert spec.run.concurrency == 64 and spec.endpoint.dialect == "openai"
+    assert dict(spec.model.params) == {"temperature": 0.1, "stop": ["\n"], "top_k": 5, "foo": True}
+    assert chat_url(spec.endpoint) == "https://dashscope-intl.aliyuncs.com/compatible-mode/v1/chat/completions"
+
+
+@pytest.mark.parametrize("endpoint,url", [
+    ({"dialect": "dashscope", "region": "beijing"},
+     "https://dashscope.aliyuncs.com/api/v1/services/aigc/text-generation/generation"),
+    ({"region": "virginia"}, "https://dashscope-us.aliyuncs.com/compatible-mode/v1/chat/completions"),
+    ({"region": "frankfurt", "workspace": "ws1"},
+     "https://ws1.eu-central-1.maas.aliyuncs.com/compatible-mode/v1/chat/completions"),
+    ({"base_url": "http://127.0.0.1:8000/compatible-mode/v1/"},
+     "http://127.0.0.1:8000/compatible-mode/v1/chat/completions"),
+])
+def test_region_and_base_url(tmp_path, endpoint, url):
+    """Regions map to the documented hosts; base_url is taken as the SDKs take it."""
+    assert chat_url(_spec(tmp_path, endpoint=endpoint).endpoint) == url
+
+
+@pytest.mark.parametrize("sections,message", [
+    ({"input": {"template": "{a}"}}, "exactly one of prompt_column, messages_column or template"),
+    ({"input": {"prompt_column": None, "template": "x {a.b}"}}, "not a plain column name"),
+    ({"input": {"keep_columns": ["status"]}}, "also an output column name"),
+    ({"endpoint": {"region": "frankfurt"}}, "no shared host"),
+    ({"run": {"max_error_rate": 2}}, "from 0 to 1"),
+    ({"extra": {"x": 1}}, "unknown section [extra]"),
+])
+def test_invalid_specs(tmp_path, sections, message):
+    """Contradictory or malformed jobs are SpecErrors saying what is wrong."""
+    raw = {k: dict(v) for k, v in BASE.items()}
+    for name, body in sections.items():
+        raw.setdefault(name, {}).update(body)
+        raw[name] = {k: v for k, v in raw[name].items() if v is not None}
+    with pytest.raises(SpecError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        parse_job(raw, source=tmp_path / "j.toml")
+
+
+def test_overrides_change_only_what_is_given(tmp_path):
+    """CLI overrides replace given values; None means not given."""
+    spec = _spec(tmp_path, run={"concurrency": 8})
+    same = spec.override(concurrency=None, model=None)
+    assert same == spec
+    changed = spec.override(concurrency=3, model="qwen-max", base_url="http://127.0.0.1:1/api/v1")
+    assert changed.run.concurrency == 3 and changed.model.name == "qwen-max"
+    assert changed.endpoint.base_url == "http://127.0.0.1:1/api/v1" and changed.run.max_attempts == spec.run.max_attempts
+
+
+def test_api_key_is_masked_and_read_from_env_or_file(tmp_path):
+    """The key never shows in repr/str/format and comes from the named variable, then the key file."""
+    spec = _spec(tmp_path, endpoint={"api_key_env": "K"})
+    key = resolve_api_key(spec.endpoint, {"K": "sk-secret-1"})
+    assert key.reveal() == "sk-secret-1" and "sk-secret" not in f"{key} {key!r} {str(key)}"
+    with pytest.raises(SpecError, match="K is not set"):
+        resolve_api_key(spec.endpoint, {})
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "key").write_text("sk-file\n")
+    spec = _spec(tmp_path, endpoint={"api_key_env": "K", "api_key_file": "key"})
+    assert resolve_api_key(spec.endpoint, {}).reveal() == "sk-file"
+    assert isinstance(key, ApiKey)
+
+
+def _requests(tmp_path, name: str, rows, **input_keys):
+    path = tmp_path / "jobs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        data = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+        path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    spec = _spec(tmp_path, input={"path": name, **input_keys})
+    source = open_source(spec.input, spec.model, limit=spec.run.limit)
+    return source, list(source)
+
+
+def test_gzip_jsonl_with_system_prompt(tmp_path):
+    """.jsonl.gz is read; the system prompt comes first; the id column is the key."""
+    _, reqs = _requests(tmp_path, "in.jsonl.gz", [{"id": 5, "prompt": "a"}, {"id": "x", "prompt": "b"}],
+                        id_column="id", system_prompt="Be brief.")
+    assert [r.key for r in reqs] == ["5", "x"]
+    assert reqs[0].messages == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"})
+
+
+def test_messages_column_from_parquet(tmp_path):
+    """A list<struct<role, content>> column becomes the messages; bad messages become row problems."""
+    rows = [{"m": [{"role": "user", "content": "hi"}]}, {"m": [{"role": "robot", "content": "x"}]}, {"m": []}]
+    source, reqs = _requests(tmp_path, "in.parquet", rows, prompt_column=None, messages_column="m")
+    assert source.total == 3
+    assert reqs[0].messages == ({"role": "user", "content": "hi"},) and reqs[0].problem is None
+    assert "row 1" in reqs[1].problem and "role" in reqs[1].problem
+    assert "row 2" in reqs[2].problem and "non-empty list" in reqs[2].problem
+
+
+def test_template_rows(tmp_path):
+    """Template placeholders are filled per row; a null value is a problem naming the column."""
+    _, reqs = _requests(tmp_path, "in.jsonl", [{"a": "x", "b": 2}, {"a": None, "b": 1}],
+                        prompt_column=None, template="{a} and {b} {{literal}}")
+    assert reqs[0].messages[-1]["content"] == "x and 2 {literal}"
+    assert "line 2" in reqs[1].problem and "'a'" in reqs[1].problem
+
+
+def test_limit_and_blank_lines(tmp_path):
+    """Blank lines are not rows; --limit stops after N rows and bounds the total."""
+    source, reqs = _requests(tmp_path, "in.jsonl", [{"prompt": "a"}, "", {"prompt": "b"}, {"prompt": "c"}])
+    assert source.total == 3 and [r.row_id for r in reqs] == [0, 1, 2]
+    spec = _spec(tmp_path, run={"limit": 2})
+    limited = open_source(spec.input, spec.model, limit=2)
+    assert limited.total == 2 and len(list(limited)) == 2
+
+
+def test_unsupported_format(tmp_path):
+    """An input that is neither JSONL nor Parquet is a SourceError naming the accepted formats."""
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "in.csv").write_text("a,b\n")
+    spec = _spec(tmp_path, input={"path": "in.csv"})
+    with pytest.raises(SourceError, match="expected .jsonl, .jsonl.gz or .parquet"):
+        open_source(spec.input, spec.model)
+
+
+def test_corrupt_parquet(tmp_path):
+    """A file that is not Parquet is a SourceError, not a traceback."""
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "in.parquet").write_bytes(b"not parquet at all")
+    spec = _spec(tmp_path, input={"path": "in.parquet"})
+    with pytest.raises(SourceError, match="not a readable Parquet file"):
+        open_source(spec.input, spec.model)
