@@ -85,7 +85,7 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
             continue
         report.models[request.model] += 1
         try:
-            size = len(json.dumps(build_payload(request), ensure_ascii=False).encode())
+            size = len(json.dumps(build_payload(request), ensure_ascii=False, allow_nan=False).encode())
         except (TypeError, ValueError) as exc:
             report.invalid += 1
             if len(report.problems) < show:

@@ -94,7 +94,7 @@ class ChatClient:
     async def complete(self, request: Request) -> Completion:
         assert self._http is not None, "use `async with ChatClient(...)`"
         try:
-            payload = json.dumps(self.dialect.build_payload(request), ensure_ascii=False).encode()
+            payload = json.dumps(self.dialect.build_payload(request), ensure_ascii=False, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise PermanentCallError(f"the request cannot be encoded as JSON ({exc})", code="unencodable_request") from None
         key = request.key if request.key.isascii() else quote(request.key, safe="")

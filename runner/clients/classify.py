@@ -24,21 +24,28 @@ PERMANENT = "permanent"  # the request is wrong or refused: record the row as fa
 # Messages that turn a throttling code into "the free quota is gone" (facts 5.2, last note).
 _FREE_QUOTA_MARKERS = ("free allocated quota", "freetieronly", "free tier of the model has been exhausted")
 # InternalError.Algo answers that repeat whatever you do (facts 5.2, "deterministic" row).
-_DETERMINISTIC_500 = ("expecting ',' delimiter", "list index out of range", "role must be in")
+_DETERMINISTIC_500 = ("expecting ',' delimiter", "list index out of range", "role must be in",
+                      "missing content-length of multimodal url")
 
 
 def kind_of(status: int, code: str | None, message: str, table: Mapping[str, str]) -> str:
-    """The kind for an error answer: the body code first, then the message, then the status."""
-    text = message.lower()
+    """The kind for an error answer: the body code first (a dotted code falls back to its first part),
+    then the status; the message then refines throttling into exhausted quota and a 500 into a
+    deterministic failure."""
     kind = table.get(code) if code else None
-    if kind == THROTTLED and any(m in text for m in _FREE_QUOTA_MARKERS):
-        return QUOTA
     if kind is None and code and "." in code:
         kind = table.get(code.split(".", 1)[0])  # e.g. Throttling.SomethingNew -> Throttling
+    if kind is None:
+        kind = _kind_of_status(status)
+    text = message.lower()
+    if kind == THROTTLED and any(m in text for m in _FREE_QUOTA_MARKERS):
+        return QUOTA
     if kind == TRANSIENT and any(m in text for m in _DETERMINISTIC_500):
         return PERMANENT
-    if kind is not None:
-        return kind
+    return kind
+
+
+def _kind_of_status(status: int) -> str:
     if status == 401:
         return AUTH
     if status == 429:

@@ -23,7 +23,8 @@ CODE_TABLE: dict[str, str] = {
     "SystemError": TRANSIENT, "ModelServiceFailed": TRANSIENT, "RequestTimeOut": TRANSIENT,
     "invalid_parameter_error": PERMANENT, "invalid_value": PERMANENT, "data_inspection_failed": PERMANENT,
     "model_not_found": PERMANENT, "model_not_supported": PERMANENT, "access_denied": PERMANENT,
-    "invalid_request_error": PERMANENT,
+    # Not the OpenAI `type` "invalid_request_error": it comes with 401, 404 and 429 answers alike (facts 5.2,
+    # 10.1 D/I/J), so when it stands in for a missing code the status decides.
 }
 
 
