@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import click

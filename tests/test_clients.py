@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from email.utils import format_datetime, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp

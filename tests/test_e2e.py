@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import ROOT, TEST_KEY, make_job, read_output, run_cli, write_prompts
+from tests.helpers import ROOT, make_job, read_output, run_cli, write_prompts
 
 FAULTS = {"429": 0.05, "429burst": 0.05, "500": 0.05, "503": 0.05}  # 10% throttling, 10% 5xx
 

@@ -1,0 +1,83 @@
+"""EmulatorConfig: the frozen description of how the emulator behaves, and the model table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .faults import FaultRates
+
+DEFAULT_MODELS: frozenset[str] = frozenset(
+    {
+        "qwen-plus",
+        "qwen-plus-latest",
+        "qwen-flash",
+        "qwen-turbo",
+        "qwen-max",
+        "qwen-max-latest",
+        "qwen3-max",
+        "qwen3.5-plus",
+        "qwq-plus",
+        "qwen3-235b-a22b",
+        "qwen3-32b",
+    }
+)
+
+# Thinking behaviour per model family (dashscope-api.md 9.1, 9.2). Names outside these sets
+# (qwen-max, or a custom name added to `models`) are plain non-thinking models that ignore
+# enable_thinking.
+THINKING_NON_STREAM_OK: frozenset[str] = frozenset({"qwen3-max", "qwen3.5-plus"})
+# Models whose thinking is on unless the request turns it off.
+THINKING_DEFAULT_ON: frozenset[str] = frozenset({"qwen3.5-plus", "qwen3-235b-a22b", "qwen3-32b"})
+# Qwen3 commercial: thinking exists but only when streaming.
+THINKING_STREAM_ONLY: frozenset[str] = frozenset(
+    {"qwen-plus", "qwen-plus-latest", "qwen-flash", "qwen-turbo"}
+)
+# Always stream-only (QwQ), whatever enable_thinking says.
+STREAM_ONLY: frozenset[str] = frozenset({"qwq-plus"})
+# Qwen3 open source: stream-only while thinking (the default); fine with enable_thinking=false.
+STREAM_ONLY_WHILE_THINKING: frozenset[str] = frozenset({"qwen3-235b-a22b", "qwen3-32b"})
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """How the emulator answers. Frozen and hashable, so it can be shared across threads
+    and processes.
+
+    faults maps a fault name (see FAULT_NAMES) to its probability per attempt; any mapping
+    or iterable of (name, rate) pairs is accepted and stored as a read-only FaultRates.
+    """
+
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    faults: Mapping[str, float] = field(default_factory=FaultRates)
+    api_keys: tuple[str, ...] | None = None
+    seed: int = 0
+    slow_ms: float = 2000.0
+    hang_seconds: float = 600.0
+    models: frozenset[str] = DEFAULT_MODELS
+    retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        # object.__setattr__ because the dataclass is frozen; this only normalises inputs.
+        if not isinstance(self.faults, FaultRates):
+            object.__setattr__(self, "faults", FaultRates(self.faults))
+        if self.api_keys is not None:
+            if isinstance(self.api_keys, str):
+                raise ValueError("api_keys must be a tuple of keys, not one string")
+            object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if not isinstance(self.models, frozenset):
+            object.__setattr__(self, "models", frozenset(self.models))
+        for name in ("latency_ms", "latency_jitter_ms", "slow_ms", "hang_seconds"):
+            _check_non_negative(name, getattr(self, name))
+        if self.retry_after is not None:
+            _check_non_negative("retry_after", self.retry_after)
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+__all__ = ["DEFAULT_MODELS", "EmulatorConfig"]

@@ -1,0 +1,76 @@
+"""Counters the emulator keeps about what it received and answered.
+
+Mutated only on the server's event loop (no locks on the hot path); other threads read it
+through Emulator.stats(), which runs snapshot() on that loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Stats:
+    """Request counters. Per-key data is a two-item list [received, succeeded], so a
+    million keys stay affordable."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.by_status: dict[int, int] = {}
+        self.by_fault: dict[str, int] = {}
+        self.by_model: dict[str, int] = {}
+        self.by_dialect: dict[str, int] = {}
+        self.workspaces: dict[str, int] = {}
+        self.keys: dict[str, list[int]] = {}
+        self.succeeded_more_than_once = 0
+        # Requests still in flight across a reset are part of the new peak.
+        self.max_in_flight = self.in_flight
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def received(self, key: str) -> int:
+        """Count one more request for `key`; return its attempt number (1-based)."""
+        entry = self.keys.get(key)
+        if entry is None:
+            self.keys[key] = entry = [0, 0]
+        entry[0] += 1
+        return entry[0]
+
+    def succeeded(self, key: str) -> None:
+        entry = self.keys.get(key)
+        if entry is None:  # the key arrived before a reset; count it afresh
+            self.keys[key] = entry = [0, 0]
+        entry[1] += 1
+        if entry[1] == 2:
+            self.succeeded_more_than_once += 1
+
+    def snapshot(self, keys: bool = True) -> dict[str, Any]:
+        """The JSON-ready view served at GET /_emulator/stats."""
+        data: dict[str, Any] = {
+            "requests": self.requests,
+            "by_status": {str(code): n for code, n in sorted(self.by_status.items())},
+            "by_fault": dict(self.by_fault),
+            "by_model": dict(self.by_model),
+            "by_dialect": dict(self.by_dialect),
+            "workspaces": dict(self.workspaces),
+        }
+        if keys:
+            data["keys"] = {k: {"received": r, "succeeded": s} for k, (r, s) in self.keys.items()}
+        data["key_count"] = len(self.keys)
+        data["succeeded_more_than_once"] = self.succeeded_more_than_once
+        data["max_in_flight"] = self.max_in_flight
+        data["in_flight"] = self.in_flight
+        return data
+
+
+def bump(counter: dict[Any, int], name: Any) -> None:
+    counter[name] = counter.get(name, 0) + 1
