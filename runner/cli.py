@@ -79,11 +79,15 @@ def _load(job: str, **overrides: Any):
 @click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed.")
 @click.option("--overwrite", is_flag=True, help="Replace an output file left by a finished run.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run's committed rows and start over.")
+@click.option("--retry-failed", type=click.Choice(["transient", "all", "none"]), default="transient",
+              show_default=True, help="Which failed rows of an earlier run a rerun sends again: throttled and "
+                                      "transient ones, all, or none.")
 @click.option("--emulator", "use_emulator", is_flag=True,
               help="Rehearse against the built-in DashScope emulator on loopback (no key, no network).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @_funnel
-def run(job: str, overwrite: bool, restart: bool, use_emulator: bool, quiet: bool, **overrides: Any) -> int:
+def run(job: str, overwrite: bool, restart: bool, retry_failed: str, use_emulator: bool, quiet: bool,
+        **overrides: Any) -> int:
     """Send every row of JOB and write the results to Parquet (resumes an unfinished run)."""
     import anyio
 
@@ -104,8 +108,10 @@ def run(job: str, overwrite: bool, restart: bool, use_emulator: bool, quiet: boo
             click.echo(f"rehearsing against the built-in emulator at {base}", err=True)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
     try:
-        summary = anyio.run(functools.partial(run_job, spec, api_key=api_key, on_start=progress.start,
-                                              on_result=progress.update, overwrite=overwrite, restart=restart))
+        summary = anyio.run(functools.partial(
+            run_job, spec, api_key=api_key, on_start=progress.start, on_result=progress.update,
+            on_notice=None if quiet else progress.notice, overwrite=overwrite, restart=restart,
+            retry_failed=retry_failed, handle_signals=True))
     finally:
         progress.close()
         if emulator is not None:
@@ -212,6 +218,12 @@ class _Progress:
             elapsed = max(now - self._started, 1e-6)
             self.bar.set_postfix_str(f"ok={self.ok:,} failed={self.failed:,} req/s={self.requests / elapsed:,.0f} "
                                      f"tokens={self.tokens:,}", refresh=False)
+
+    def notice(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            click.echo(message, err=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -8,8 +8,8 @@ the whole run, keeps every committed row, and propagates to the caller.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,16 +22,17 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .clients import ChatClient
 from .endpoints import ApiKey, base_url, resolve_api_key
-from .errors import RunnerError
+from .errors import Interrupted, RunnerError
 from .limits import RetryPolicy, call_with_retries
 from .records import STATUS_ERROR, STATUS_OK, Request, Result, result_schema
 from .report import RunSummary, summarize_file
-from .sink import ParquetSink, RowSet
+from .sink import DoneRows, ParquetSink
 from .sources import RequestSource, open_source
 from .spec import JobSpec
 
 ResultCallback = Callable[[Result], None]
 StartCallback = Callable[[int | None, int], None]
+NoticeCallback = Callable[[str], None]
 
 
 def _now() -> datetime:
@@ -39,24 +40,17 @@ def _now() -> datetime:
 
 
 def job_fingerprint(spec: JobSpec) -> dict[str, str]:
-    """Everything that shapes a request, so a rerun only resumes the same job."""
+    """Everything that shapes every request, so a rerun only resumes the same job. Changes to single
+    input rows are caught row by row (Request.digest), so an edited or grown input resumes."""
     inp = spec.input
-    try:
-        stat = inp.path.stat()
-        with open(inp.path, "rb") as fh:
-            head = hashlib.sha256(fh.read(1 << 20)).hexdigest()[:16]
-        identity = f"{inp.path.name}:{stat.st_size}:{head}"
-    except OSError:
-        identity = inp.path.name
     return {
-        "input": identity,
+        "input": inp.path.name,
         "rows": f"{inp.id_column}|{inp.prompt_column}|{inp.messages_column}|{inp.template}|{inp.system_prompt}",
         "overrides": f"{inp.model_column}|{inp.params_column}",
         "keep_columns": ",".join(inp.keep_columns),
         "endpoint": f"{spec.endpoint.dialect} {base_url(spec.endpoint)}",
         "model": spec.model.name,
         "params": json.dumps(dict(spec.model.params), sort_keys=True, default=str),
-        "limit": str(spec.run.limit),
     }
 
 
@@ -67,7 +61,7 @@ def _ok_result(request: Request, outcome, started_at: datetime) -> Result:
                   finish_reason=completion.finish_reason, usage=completion.usage,
                   request_id=completion.request_id, http_status=completion.http_status,
                   attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
-                  started_at=started_at, finished_at=_now())
+                  started_at=started_at, finished_at=_now(), request_hash=request.digest())
 
 
 def _error_result(request: Request, outcome, started_at: datetime) -> Result:
@@ -76,44 +70,118 @@ def _error_result(request: Request, outcome, started_at: datetime) -> Result:
                   kept=request.kept, request_id=error.request_id, error_type=error.error_type,
                   error_code=error.code, error_message=error.message, http_status=error.http_status,
                   attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
-                  started_at=started_at, finished_at=_now())
+                  started_at=started_at, finished_at=_now(), request_hash=request.digest())
 
 
 def invalid_row_result(request: Request) -> Result:
     now = _now()
     return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR,
                   kept=request.kept, error_type="InvalidRow", error_code="invalid_row",
-                  error_message=request.problem, attempts=0, started_at=now, finished_at=now)
+                  error_message=request.problem, attempts=0, started_at=now, finished_at=now,
+                  request_hash=request.digest())
 
 
 @dataclass
 class _Counts:
     rows_seen: int = 0
+    changed: int = 0  # rows done by an earlier run whose request is different now: sent again
 
 
-async def _produce(source: RequestSource, done: RowSet, counts: _Counts, requests: ObjectSendStream[Request],
-                   results: ObjectSendStream[Result]) -> None:
+class _Stopping(Exception):
+    """Raised in a worker's retry wait once the run is stopping: the row is left for the rerun."""
+
+
+class _Stop:
+    """How a run winds down on a signal: first stop taking rows and drain, then (or on a second
+    signal, or at the drain deadline) cancel what is still in flight."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.signal_name: str | None = None
+        self.produce_scope = anyio.CancelScope()
+        self.work_scope: anyio.CancelScope | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def request(self, signal_name: str) -> None:
+        self.signal_name = signal_name
+        self.event.set()
+        self.produce_scope.cancel()
+
+    def now(self) -> None:
+        if self.work_scope is not None:
+            self.work_scope.cancel()
+
+
+async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop: _Stop,
+                   requests: ObjectSendStream[Request], results: ObjectSendStream[Result]) -> None:
     async with requests, results:
-        for request in source:
-            counts.rows_seen += 1
-            if request.row_id in done:
-                if counts.rows_seen % 1024 == 0:
-                    await anyio.lowlevel.checkpoint()  # skipping a long done prefix must not starve the loop
-                continue
-            if request.problem is not None:
-                await results.send(invalid_row_result(request))
-            else:
-                await requests.send(request)
+        with stop.produce_scope:
+            for request in source:
+                counts.rows_seen += 1
+                if request.row_id in done:
+                    if done.digest(request.row_id) == request.digest():
+                        if counts.rows_seen % 1024 == 0:
+                            await anyio.lowlevel.checkpoint()  # a long done prefix must not starve the loop
+                        continue
+                    counts.changed += 1
+                if request.problem is not None:
+                    await results.send(invalid_row_result(request))
+                else:
+                    await requests.send(request)
 
 
-async def _work(client: ChatClient, policy: RetryPolicy, sleep, requests: ObjectReceiveStream[Request],
+async def _work(client: ChatClient, policy: RetryPolicy, sleep, stop: _Stop, requests: ObjectReceiveStream[Request],
                 results: ObjectSendStream[Result]) -> None:
+    async def retry_sleep(seconds: float) -> None:
+        if stop.requested:
+            raise _Stopping
+        await sleep(seconds)
+        if stop.requested:
+            raise _Stopping
+
     async with requests, results:
         async for request in requests:
+            if stop.requested:
+                return  # queued rows are not started once the run is stopping
             started_at = _now()
-            outcome = await call_with_retries(client.complete, request, policy, sleep=sleep)
+            try:
+                outcome = await call_with_retries(client.complete, request, policy, sleep=retry_sleep)
+            except _Stopping:
+                continue
             result = (_ok_result if outcome.completion is not None else _error_result)(request, outcome, started_at)
             await results.send(result)
+
+
+async def _run_workers(count: int, client: ChatClient, policy: RetryPolicy, sleep, stop: _Stop,
+                       requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:
+    async with requests, results:
+        async with anyio.create_task_group() as workers:
+            stop.work_scope = workers.cancel_scope
+            for _ in range(count):
+                workers.start_soon(_work, client, policy, sleep, stop, requests.clone(), results.clone())
+
+
+async def _watch_signals(stop: _Stop, drain_seconds: float, on_notice: NoticeCallback | None) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not stop.requested:
+                stop.request(name)
+                if on_notice:
+                    on_notice(f"{name}: not starting new rows; finishing requests in flight for up to "
+                              f"{drain_seconds:g} s (again to stop at once)")
+                break
+        with anyio.move_on_after(drain_seconds):
+            async for signum in signals:
+                if on_notice:
+                    on_notice(f"{signal.Signals(signum).name}: stopping now")
+                break
+        stop.now()
+        async for _ in signals:  # until the run ends, further signals change nothing
+            pass
 
 
 def _first_runner_error(group: BaseExceptionGroup) -> BaseException:
@@ -129,21 +197,30 @@ def _first_runner_error(group: BaseExceptionGroup) -> BaseException:
 
 async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: httpx.AsyncBaseTransport | None = None,
                   sleep: Callable[[float], Awaitable[None]] = anyio.sleep, on_result: ResultCallback | None = None,
-                  on_start: StartCallback | None = None, overwrite: bool = False, restart: bool = False,
-                  environ: Mapping[str, str] | None = None) -> RunSummary:
-    """Run a job to completion; returns its summary. Raises RunnerError for run-level failures."""
+                  on_start: StartCallback | None = None, on_notice: NoticeCallback | None = None,
+                  overwrite: bool = False, restart: bool = False, retry_failed: str = "transient",
+                  handle_signals: bool = False, environ: Mapping[str, str] | None = None) -> RunSummary:
+    """Run a job to completion, or resume it; returns its summary.
+
+    Raises RunnerError for run-level failures, and Interrupted when `handle_signals` is set and a
+    SIGINT/SIGTERM stopped the run (everything finished before it is committed).
+    """
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     if api_key is None:
         api_key = resolve_api_key(spec.endpoint, environ)
     sink = ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
                        part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds,
-                       overwrite=overwrite, restart=restart)
+                       overwrite=overwrite, restart=restart, retry_failed=retry_failed)
     summary = RunSummary(output=str(spec.output.path), skipped_done=len(sink.done))
+    if sink.done and on_notice:
+        recovered = f" ({sink.recovered_from_journal:,} recovered from the journal)" if sink.recovered_from_journal else ""
+        on_notice(f"resuming: {len(sink.done):,} rows already done{recovered}")
     if on_start is not None:
         on_start(source.total, len(sink.done))
     policy = RetryPolicy.from_spec(spec)
     concurrency = spec.run.concurrency
     counts = _Counts()
+    stop = _Stop()
     started = time.perf_counter()
     finished = False
     try:
@@ -152,14 +229,21 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
             res_send, res_recv = anyio.create_memory_object_stream[Result](concurrency)
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_produce, source, sink.done, counts, req_send, res_send.clone())
-                    async with req_recv, res_send:
-                        for _ in range(concurrency):
-                            tg.start_soon(_work, client, policy, sleep, req_recv.clone(), res_send.clone())
+                    if handle_signals:
+                        tg.start_soon(_watch_signals, stop, spec.run.drain_seconds, on_notice)
+                    tg.start_soon(_produce, source, sink.done, counts, stop, req_send, res_send.clone())
+                    tg.start_soon(_run_workers, concurrency, client, policy, sleep, stop, req_recv, res_send)
                     await _write_results(res_recv, sink, summary, on_result)
+                    tg.cancel_scope.cancel()  # the signal watcher, which never ends by itself
             except BaseExceptionGroup as group:
                 raise _first_runner_error(group) from None
         summary.wall_seconds = time.perf_counter() - started
+        summary.changed_rows = counts.changed
+        if stop.requested:
+            sink.close()
+            finished = True
+            raise Interrupted(f"stopped by {stop.signal_name}: {len(sink.done) + summary.rows:,} rows are committed "
+                              f"in {sink.parts_dir}", hint="run the same command again to finish the job")
         sink.finalize(counts.rows_seen)
         finished = True
     finally:
@@ -193,7 +277,7 @@ def _final_summary(spec: JobSpec, run: RunSummary) -> RunSummary:
     table.skipped_done = run.skipped_done
     table.output = str(spec.output.path)
     data = table.to_dict()
-    data["this_run"] = {"rows": run.rows, "requests_sent": run.attempts,
+    data["this_run"] = {"rows": run.rows, "requests_sent": run.attempts, "changed_rows_resent": run.changed_rows,
                         "wall_seconds": round(run.wall_seconds or 0, 3),
                         "rows_per_second": round(run.rows / run.wall_seconds, 2) if run.wall_seconds else None}
     path = spec.output.summary_path

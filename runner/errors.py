@@ -49,6 +49,12 @@ class QuotaExhausted(RunnerError):
     exit_code = 1
 
 
+class Interrupted(RunnerError):
+    """SIGINT or SIGTERM stopped the run; what finished before it is committed and a rerun resumes."""
+
+    exit_code = 130
+
+
 class CallError(Exception):
     """One request failed. Carries what the output row records about the failure."""
 
@@ -106,6 +112,7 @@ __all__ = [
     "SinkError",
     "AuthError",
     "QuotaExhausted",
+    "Interrupted",
     "CallError",
     "TransientCallError",
     "Throttled",

@@ -5,6 +5,8 @@ A leaf module with no I/O. `result_schema` is the one place the output table's c
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping
@@ -23,6 +25,14 @@ class Request:
     params: Mapping[str, Any] = field(default_factory=dict)
     kept: Mapping[str, Any] = field(default_factory=dict)
     problem: str | None = None
+
+    def digest(self) -> int:
+        """A stable 64-bit hash of everything that makes this row's request and output row (never 0).
+
+        A rerun compares it with the one recorded for the row, so a row whose input changed is sent again."""
+        text = json.dumps([self.key, self.model, self.messages, self.params, self.kept, self.problem],
+                          sort_keys=True, ensure_ascii=False, default=str)
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True) | 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +78,7 @@ class Result:
     latency_ms: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    request_hash: int | None = None  # Request.digest(); kept in part files, not in the final output
 
     @property
     def ok(self) -> bool:
@@ -102,7 +113,8 @@ RESULT_FIELDS = (
     pa.field("started_at", _TS),
     pa.field("finished_at", _TS),
 )
-RESERVED_COLUMNS = frozenset(f.name for f in LEADING_FIELDS + RESULT_FIELDS)
+REQUEST_HASH_FIELD = pa.field("request_hash", pa.int64())
+RESERVED_COLUMNS = frozenset(f.name for f in LEADING_FIELDS + RESULT_FIELDS + (REQUEST_HASH_FIELD,))
 
 RESULT_SCHEMA = pa.schema(LEADING_FIELDS + RESULT_FIELDS)
 
@@ -138,6 +150,7 @@ def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
         "latency_ms": [r.latency_ms for r in results],
         "started_at": [r.started_at for r in results],
         "finished_at": [r.finished_at for r in results],
+        "request_hash": [r.request_hash for r in results],
     }
     for name in kept_names:
         columns[name] = [r.kept.get(name) for r in results]

@@ -20,6 +20,7 @@ class RunSummary:
     ok: int = 0
     failed: int = 0
     skipped_done: int = 0          # rows already done by an earlier run (resume)
+    changed_rows: int = 0          # rows done earlier whose request changed since: sent again
     attempts: int = 0              # requests sent, retries included
     errors: Counter = field(default_factory=Counter)        # (error_type, error_code) -> rows
     finish_reasons: Counter = field(default_factory=Counter)

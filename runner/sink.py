@@ -1,19 +1,23 @@
-"""Parquet output: part files while running, one ordered file at the end.
+"""Parquet output: a journal and part files while running, one ordered file at the end.
 
-Results arrive in completion order. They are buffered and committed as part files under
-`<output>.parts/` every `part_rows` rows or `part_seconds` seconds: each part is sorted by row_id,
-written to a temporary name, fsynced and renamed, so a part either exists whole or not at all.
-The parts are the truth about what is done: a rerun reads them (ignoring and setting aside any that
-do not open) and skips rows already answered. When every row is in, the parts are merged in input
-order into `<output>` (temporary name + rename) and removed.
+Results arrive in completion order. Each is appended to the open part's journal at once (so a
+kill loses only requests in flight), buffered, and committed as a part file under
+`<output>.parts/` every `part_rows` rows or `part_seconds` seconds: sorted by row_id, written to a
+temporary name, fsynced and renamed, so a part exists whole or not at all. The parts are the truth
+about what is done: a rerun reads them (setting aside any that do not open), replays journals whose
+part was never committed, and skips rows already answered with the same request. When every row is
+in, the parts are merged in input order into `<output>` (temporary name + rename) and removed.
+One run at a time: a lock on the parts folder refuses a second writer.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -23,38 +27,41 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import SinkError
-from .records import Result, results_to_table
+from .journal import Journal, replay
+from .records import REQUEST_HASH_FIELD, Result, results_to_table
 
 MANIFEST = "manifest.json"
+LOCK = "lock"
 MERGE_WINDOW_ROWS = 65_536
-# Error classes a rerun sends again; every other finished row (successes, permanent failures) is kept.
-RETRY_ON_RERUN = frozenset({"TransientCallError", "Throttled"})
+RETRY_FAILED = ("transient", "all", "none")
+# Error classes that `retry_failed = "transient"` (the default) sends again on a rerun.
+TRANSIENT_ERRORS = frozenset({"TransientCallError", "Throttled"})
 
 
-class RowSet:
-    """A set of row ids as a bitmap: 2M rows cost 250 KB, not a 100 MB Python set."""
+class DoneRows:
+    """Row id -> the request digest it was answered for (0: not done). 8 bytes a row, dense."""
 
     def __init__(self) -> None:
-        self._bits = bytearray()
+        self._digests = array("q")
         self.count = 0
 
-    def add(self, row_id: int) -> None:
-        byte, bit = divmod(row_id, 8)
-        if byte >= len(self._bits):
-            self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
-        if not self._bits[byte] >> bit & 1:
-            self._bits[byte] |= 1 << bit
+    def add(self, row_id: int, digest: int) -> None:
+        if row_id >= len(self._digests):
+            self._digests.extend(bytes(8 * max(row_id + 1 - len(self._digests), len(self._digests))))
+        if not self._digests[row_id]:
             self.count += 1
+        self._digests[row_id] = digest or 1
 
     def discard(self, row_id: int) -> None:
-        byte, bit = divmod(row_id, 8)
-        if byte < len(self._bits) and self._bits[byte] >> bit & 1:
-            self._bits[byte] &= ~(1 << bit) & 0xFF
+        if row_id < len(self._digests) and self._digests[row_id]:
+            self._digests[row_id] = 0
             self.count -= 1
 
+    def digest(self, row_id: int) -> int:
+        return self._digests[row_id] if row_id < len(self._digests) else 0
+
     def __contains__(self, row_id: int) -> bool:
-        byte, bit = divmod(row_id, 8)
-        return byte < len(self._bits) and bool(self._bits[byte] >> bit & 1)
+        return self.digest(row_id) != 0
 
     def __len__(self) -> int:
         return self.count
@@ -92,22 +99,31 @@ def _write_atomic(table: pa.Table, target: Path) -> None:
 
 
 class ParquetSink:
-    """Owns `<output>`, `<output>.parts/` and the manifest that ties the parts to one job."""
+    """Owns `<output>`, `<output>.parts/` (parts, journal, manifest, lock) and the merge."""
 
     def __init__(self, output: Path, schema: pa.Schema, *, fingerprint: Mapping[str, str],
                  part_rows: int = 1000, part_seconds: float = 5.0, overwrite: bool = False,
-                 restart: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 restart: bool = False, retry_failed: str = "transient",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if retry_failed not in RETRY_FAILED:
+            raise ValueError(f"retry_failed must be one of {RETRY_FAILED}")
         self.output = output
         self.parts_dir = output.with_name(output.name + ".parts")
         self.schema = schema
+        self.part_schema = schema.append(REQUEST_HASH_FIELD)
         self.fingerprint = dict(fingerprint)
         self.part_rows = part_rows
         self.part_seconds = part_seconds
+        self.retry_failed = retry_failed
         self._clock = clock
         self._buffer: list[Result] = []
+        self._journal: Journal | None = None
         self._last_flush = clock()
         self._parts: list[Part] = []
-        self.done = RowSet()
+        self._next_seq = 1
+        self._lock_fd: int | None = None
+        self.done = DoneRows()
+        self.recovered_from_journal = 0
         self._open(overwrite=overwrite, restart=restart)
 
     # -- opening and resuming ----------------------------------------------------------------
@@ -121,20 +137,49 @@ class ParquetSink:
         if self.output.exists() and not overwrite:
             raise SinkError(f"{self.output}: output already exists (a finished run)",
                             hint="pass --overwrite to run the job again and replace it, or choose another --output")
-        if restart and self.parts_dir.exists():
-            shutil.rmtree(self.parts_dir)
         try:
             self.parts_dir.mkdir(exist_ok=True)
         except OSError as exc:
             raise SinkError(f"{self.parts_dir}: cannot create the parts folder ({exc.strerror})") from None
-        manifest_path = self.parts_dir / MANIFEST
-        if manifest_path.exists():
-            self._check_manifest(manifest_path)
-            self._load_parts()
-        else:
-            for stale in self.parts_dir.glob("part-*.parquet"):  # parts without a manifest: not ours to trust
-                stale.unlink()
-            self._write_manifest(manifest_path)
+        self._take_lock()
+        try:
+            if restart:
+                self._clear_parts()
+            manifest_path = self.parts_dir / MANIFEST
+            if manifest_path.exists():
+                self._check_manifest(manifest_path)
+                self._load_parts()
+            else:
+                self._clear_parts()  # parts without a manifest are not ours to trust
+                self._write_manifest(manifest_path)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _take_lock(self) -> None:
+        path = self.parts_dir / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SinkError(f"{self.output}: another run (pid {holder}) is writing this output",
+                            hint="wait for it to finish, stop it, or choose another --output") from None
+        # The lock dies with the process, so a lock file left by a killed run is never stale.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _clear_parts(self) -> None:
+        for path in self.parts_dir.iterdir():
+            if path.name != LOCK:
+                path.unlink()
 
     def _check_manifest(self, path: Path) -> None:
         try:
@@ -143,8 +188,9 @@ class ParquetSink:
             previous = {}
         changed = sorted(k for k in set(previous) | set(self.fingerprint) if previous.get(k) != self.fingerprint.get(k))
         if changed:
+            details = "; ".join(f"{k}: {previous.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in changed)
             raise SinkError(f"{self.output}: an unfinished run of a different job is in {self.parts_dir.name}/ "
-                            f"(changed: {', '.join(changed)})",
+                            f"({details})",
                             hint="pass --restart to discard it and start over, or choose another --output")
 
     def _write_manifest(self, path: Path) -> None:
@@ -155,28 +201,60 @@ class ParquetSink:
     def _load_parts(self) -> None:
         for tmp in self.parts_dir.glob(".part-*.tmp"):
             tmp.unlink()
+        seqs = [int(p.stem.split("-")[1]) for p in self.parts_dir.glob("journal-*.jsonl")]
+        seqs += [int(p.name.split("-")[1].split(".")[0]) for p in self.parts_dir.glob("part-*.parquet*")]
+        self._next_seq = max(seqs, default=0) + 1
+        for journal in sorted(self.parts_dir.glob("journal-*.jsonl")):
+            part = self.parts_dir / f"part-{journal.stem.split('-')[1]}.parquet"
+            if not part.exists():
+                self._recover(journal)
+            journal.unlink()
         for path in sorted(self.parts_dir.glob("part-*.parquet")):
             try:
                 seq = int(path.stem.split("-")[1])
-                table = pq.read_table(path, columns=["row_id", "status", "error_type"])
+                table = pq.read_table(path, columns=["row_id", "status", "error_type", "request_hash"])
             except (ValueError, IndexError, OSError, pa.ArrowException):
                 path.rename(path.with_name(path.name + ".corrupt"))  # kept for inspection, never trusted
                 continue
             if table.num_rows == 0:
                 continue
             rows = table.column("row_id").to_pylist()
-            statuses = table.column("status").to_pylist()
-            types = table.column("error_type").to_pylist()
-            for row_id, status, error_type in zip(rows, statuses, types):
-                if status == "ok" or error_type not in RETRY_ON_RERUN:
-                    self.done.add(row_id)
+            for row_id, status, error_type, digest in zip(rows, table.column("status").to_pylist(),
+                                                          table.column("error_type").to_pylist(),
+                                                          table.column("request_hash").to_pylist()):
+                if self._is_done(status, error_type):
+                    self.done.add(row_id, digest or 0)
                 else:
                     self.done.discard(row_id)
             self._parts.append(Part(seq, path, min(rows), max(rows)))
         self._parts.sort(key=lambda p: p.seq)
 
+    def _recover(self, journal: Path) -> None:
+        """Turn the whole lines of a journal whose part was never committed into that part."""
+        results = list(replay(journal))
+        if not results:
+            return
+        try:  # the part is registered by the scan of part files that follows
+            self._write_part(results, self.parts_dir / f"part-{journal.stem.split('-')[1]}.parquet")
+        except (pa.ArrowException, ValueError, TypeError):
+            return  # rows that cannot be rebuilt are simply not done: the rerun sends them again
+        self.recovered_from_journal += len(results)
+
+    def _is_done(self, status: str, error_type: str | None) -> bool:
+        if status == "ok":
+            return True
+        if self.retry_failed == "all":
+            return False
+        return self.retry_failed == "none" or error_type not in TRANSIENT_ERRORS
+
     # -- writing -----------------------------------------------------------------------------
     def write(self, result: Result) -> None:
+        try:
+            if self._journal is None:
+                self._journal = Journal(self.parts_dir / f"journal-{self._next_seq:06d}.jsonl")
+            self._journal.append(result)
+        except OSError as exc:
+            raise self._disk_error(self.parts_dir, exc) from None
         self._buffer.append(result)
         if len(self._buffer) >= self.part_rows or self.seconds_until_due() <= 0:
             self.flush()
@@ -187,22 +265,30 @@ class ParquetSink:
         return self.part_seconds - (self._clock() - self._last_flush)
 
     def flush(self) -> None:
-        """Commit the buffered results as one part file."""
+        """Commit the buffered results as one part file, then drop its journal."""
         self._last_flush = self._clock()
         if not self._buffer:
             return
-        results, self._buffer = self._buffer, []
-        results.sort(key=lambda r: r.row_id)
-        seq = self._parts[-1].seq + 1 if self._parts else 1
-        path = self.parts_dir / f"part-{seq:06d}.parquet"
+        path = self.parts_dir / f"part-{self._next_seq:06d}.parquet"
         try:
-            _write_atomic(results_to_table(results, self.schema), path)
+            self._parts.append(self._write_part(self._buffer, path))
         except OSError as exc:
-            self._buffer = results + self._buffer
-            raise SinkError(f"{path}: cannot write results ({exc.strerror or exc}); rows committed "
-                            "before this are kept", hint="free disk space or fix permissions, then run "
-                            "the same command again to resume") from None
-        self._parts.append(Part(seq, path, results[0].row_id, results[-1].row_id))
+            raise self._disk_error(path, exc) from None
+        self._buffer = []
+        if self._journal is not None:
+            self._journal.discard()
+            self._journal = None
+
+    def _write_part(self, results: list[Result], path: Path) -> Part:
+        results = sorted(results, key=lambda r: r.row_id)
+        _write_atomic(results_to_table(results, self.part_schema), path)
+        seq = int(path.stem.split("-")[1])
+        self._next_seq = max(self._next_seq, seq + 1)
+        return Part(seq, path, results[0].row_id, results[-1].row_id)
+
+    def _disk_error(self, path: Path, exc: OSError) -> SinkError:
+        return SinkError(f"{path}: cannot write results ({exc.strerror or exc}); rows committed before this are kept",
+                         hint="free disk space or fix permissions, then run the same command again to resume")
 
     # -- finishing ---------------------------------------------------------------------------
     def finalize(self, expected_rows: int) -> int:
@@ -213,9 +299,8 @@ class ParquetSink:
         last_row = -1
         try:
             with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
-                top = max((p.max_row for p in self._parts), default=-1)
-                for low in range(0, top + 1, MERGE_WINDOW_ROWS):
-                    window = self._merge_window(low, low + MERGE_WINDOW_ROWS)
+                for low in range(0, expected_rows, MERGE_WINDOW_ROWS):
+                    window = self._merge_window(low, min(low + MERGE_WINDOW_ROWS, expected_rows))
                     if window.num_rows:
                         writer.write_table(window)
                         written += window.num_rows
@@ -236,6 +321,7 @@ class ParquetSink:
         finally:
             if tmp.exists():
                 tmp.unlink()
+        self._release_lock()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return written
 
@@ -245,8 +331,8 @@ class ParquetSink:
         for part in self._parts:
             if part.max_row < low or part.min_row >= high:
                 continue
-            table = pq.read_table(part.path, schema=self.schema,
-                                  filters=[("row_id", ">=", low), ("row_id", "<", high)])
+            table = pq.read_table(part.path, columns=self.schema.names,
+                                  filters=[("row_id", ">=", low), ("row_id", "<", high)]).cast(self.schema)
             tables.append(table.append_column("_seq", pa.array([part.seq] * table.num_rows, pa.int64())))
         if not tables:
             return self.schema.empty_table()
@@ -259,5 +345,11 @@ class ParquetSink:
 
     def close(self) -> None:
         """Commit what is buffered without merging (the run stopped early); a rerun resumes."""
-        if self._buffer:
-            self.flush()
+        try:
+            if self._buffer:
+                self.flush()
+        finally:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            self._release_lock()

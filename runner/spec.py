@@ -78,6 +78,7 @@ class RunSpec:
     limit: int | None = None
     part_rows: int = 1000
     part_seconds: float = 5.0
+    drain_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "model": {"name": _STR, **MODEL_PARAMS, "extra": "a table"},
     "run": {"concurrency": _INT, "max_attempts": _INT, "backoff_initial": _NUM, "backoff_max": _NUM,
             "retry_after_max": _NUM, "max_error_rate": _NUM, "limit": _INT, "part_rows": _INT,
-            "part_seconds": _NUM},
+            "part_seconds": _NUM, "drain_seconds": _NUM},
     "output": {"path": _STR},
 }
 
@@ -328,6 +329,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         limit=positive("run", "limit", None, allow_zero=True),
         part_rows=positive("run", "part_rows", 1000),
         part_seconds=float(positive("run", "part_seconds", 5.0)),
+        drain_seconds=float(positive("run", "drain_seconds", 30.0, allow_zero=True)),
     )
     if run.max_error_rate > 1:
         _raise(fail("run", "max_error_rate", f"expected a number from 0 to 1, got {run.max_error_rate}"))

@@ -9,7 +9,8 @@ import pytest
 
 from runner.errors import SinkError
 from runner.records import Result, Usage, result_schema
-from runner.sink import ParquetSink, RowSet
+from runner.journal import decode, encode
+from runner.sink import DoneRows, ParquetSink
 
 FP = {"model": "qwen-plus", "input": "a"}
 
@@ -18,7 +19,7 @@ def _result(row_id: int, status: str = "ok", error_type: str | None = None, resp
     now = datetime.now(timezone.utc)
     return Result(row_id=row_id, key=f"k{row_id}", model="qwen-plus", status=status, error_type=error_type,
                   response=response or f"answer {row_id}", usage=Usage(1, 2, 3), attempts=1, latency_ms=1.0,
-                  started_at=now, finished_at=now)
+                  started_at=now, finished_at=now, request_hash=1000 + row_id)
 
 
 def _sink(tmp_path, **kwargs) -> ParquetSink:
@@ -26,14 +27,15 @@ def _sink(tmp_path, **kwargs) -> ParquetSink:
                        part_rows=kwargs.pop("part_rows", 3), **kwargs)
 
 
-def test_rowset_is_a_set():
-    """RowSet adds, discards and counts row ids like a set."""
-    rows = RowSet()
+def test_done_rows_is_a_set_with_digests():
+    """DoneRows adds, discards and counts row ids and remembers each row's request digest."""
+    rows = DoneRows()
     for r in (0, 7, 8, 1000, 7):
-        rows.add(r)
+        rows.add(r, 50 + r)
     rows.discard(8)
     rows.discard(9)
     assert len(rows) == 3 and 7 in rows and 8 not in rows and 1000 in rows and 5000 not in rows
+    assert rows.digest(1000) == 1050 and rows.digest(8) == 0 and rows.digest(99999) == 0
 
 
 def test_results_out_of_order_are_merged_in_input_order(tmp_path):
@@ -82,6 +84,7 @@ def test_corrupt_part_is_ignored_and_its_rows_redone(tmp_path):
     sink = _sink(tmp_path)
     for row_id in range(6):
         sink.write(_result(row_id))
+    sink.close()
     parts = sorted(sink.parts_dir.glob("part-*.parquet"))
     data = parts[1].read_bytes()
     parts[1].write_bytes(data[: len(data) // 2])
@@ -95,7 +98,7 @@ def test_changed_job_is_refused_and_restart_starts_over(tmp_path):
     sink = _sink(tmp_path)
     sink.write(_result(0))
     sink.close()
-    with pytest.raises(SinkError, match=r"changed: model") as info:
+    with pytest.raises(SinkError, match=r"model: 'qwen-plus' -> 'qwen-max'") as info:
         _sink(tmp_path, fingerprint={**FP, "model": "qwen-max"})
     assert "--restart" in info.value.hint
     fresh = _sink(tmp_path, fingerprint={**FP, "model": "qwen-max"}, restart=True)
@@ -125,3 +128,72 @@ def test_parts_are_committed_by_time(tmp_path):
     now[0] = 5.0
     sink.write(_result(1))
     assert len(list(sink.parts_dir.glob("part-*.parquet"))) == 1
+
+
+def test_journal_lines_round_trip_and_torn_lines_are_rejected():
+    """A journal line decodes to the same result, typed kept values included; a torn or altered line is refused."""
+    from datetime import date
+    from decimal import Decimal
+
+    result = _result(3)
+    result.kept = {"when": date(2026, 1, 2), "price": Decimal("1.50"), "blob": b"\x00\x01", "tags": ["a"]}
+    line = encode(result)
+    assert decode(line) == result
+    assert decode(line[:-5] + b"\n") is None and decode(line[:-1]) is None
+    assert decode(line.replace(b"answer", b"answeR")) is None
+
+
+def test_killed_run_recovers_results_from_the_journal(tmp_path):
+    """Results written but not yet committed as a part survive a crash through the journal."""
+    sink = _sink(tmp_path, part_rows=1000)
+    for row_id in range(5):
+        sink.write(_result(row_id))
+    assert not list(sink.parts_dir.glob("part-*.parquet"))
+    # a crash: the process dies without flushing or closing; the lock dies with it
+    sink._release_lock()
+    journal = next(sink.parts_dir.glob("journal-*.jsonl"))
+    with open(journal, "ab") as fh:
+        fh.write(encode(_result(5))[:20])  # a torn last line
+    again = _sink(tmp_path)
+    assert [r for r in range(7) if r in again.done] == [0, 1, 2, 3, 4]
+    assert again.recovered_from_journal == 5 and not list(again.parts_dir.glob("journal-*"))
+    again.write(_result(5))
+    again.finalize(6)
+    assert pq.read_table(tmp_path / "out.parquet").column("row_id").to_pylist() == list(range(6))
+
+
+def test_second_writer_is_refused(tmp_path):
+    """While one sink holds the output, a second one is refused with the holder's pid."""
+    import os
+
+    first = _sink(tmp_path)
+    with pytest.raises(SinkError, match=f"another run \\(pid {os.getpid()}\\)"):
+        _sink(tmp_path)
+    first.close()
+    _sink(tmp_path).close()  # released: the next run may start
+
+
+@pytest.mark.parametrize("policy,done", [("transient", [0, 1]), ("all", [0]), ("none", [0, 1, 2])])
+def test_retry_failed_policy(tmp_path, policy, done):
+    """Which failed rows a rerun sends again: transient ones (default), all failures, or none."""
+    sink = _sink(tmp_path)
+    sink.write(_result(0))
+    sink.write(_result(1, "error", "PermanentCallError"))
+    sink.write(_result(2, "error", "Throttled"))
+    sink.close()
+    again = _sink(tmp_path, retry_failed=policy)
+    assert [r for r in range(3) if r in again.done] == done
+
+
+def test_final_output_drops_the_request_hash(tmp_path):
+    """The request digest lives in the parts only; the output has the documented schema."""
+    sink = _sink(tmp_path)
+    sink.write(_result(0))
+    assert "request_hash" in pq.read_schema(_first_part(sink)).names
+    sink.finalize(1)
+    assert "request_hash" not in pq.read_schema(tmp_path / "out.parquet").names
+
+
+def _first_part(sink):
+    sink.flush()
+    return sorted(sink.parts_dir.glob("part-*.parquet"))[0]
