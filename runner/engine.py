@@ -226,7 +226,9 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     try:
         async with ChatClient(spec.endpoint, api_key, max_connections=concurrency, transport=transport) as client:
             req_send, req_recv = anyio.create_memory_object_stream[Request](concurrency)
-            res_send, res_recv = anyio.create_memory_object_stream[Result](concurrency)
+            # No buffer: a worker hands its result straight to the writer, which journals it before taking the
+            # next, so a kill can lose at most one paid answer per worker (the rows in flight).
+            res_send, res_recv = anyio.create_memory_object_stream[Result](0)
             try:
                 async with anyio.create_task_group() as tg:
                     if handle_signals:

@@ -103,16 +103,37 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, key: str | None = TEST_KEY,
-            timeout: float = 120) -> CliResult:
-    """The real `runner` command in a subprocess (python -m runner), with a clean environment."""
+def _cli_env(key: str | None, env: dict[str, str] | None) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
     if key is not None:
         environ["DASHSCOPE_API_KEY"] = key
     environ.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True, env=environ,
-                          timeout=timeout, cwd=ROOT)
+    return environ
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, key: str | None = TEST_KEY,
+            timeout: float = 120) -> CliResult:
+    """The real `runner` command in a subprocess (python -m runner), with a clean environment."""
+    proc = subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True,
+                          env=_cli_env(key, env), timeout=timeout, cwd=ROOT)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_cli(*args: str, key: str | None = TEST_KEY) -> subprocess.Popen:
+    """The real `runner` command started in the background (to be signalled or killed)."""
+    return subprocess.Popen([sys.executable, "-m", "runner", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_cli_env(key, None), cwd=ROOT)
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `predicate` (emulator stats, files) until it holds; fail the test after `timeout`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
 def read_output(path: Path) -> list[dict]:
