@@ -197,3 +197,27 @@ def test_final_output_drops_the_request_hash(tmp_path):
 def _first_part(sink):
     sink.flush()
     return sorted(sink.parts_dir.glob("part-*.parquet"))[0]
+
+
+def test_full_disk_is_a_sink_error_and_committed_rows_are_kept(tmp_path, monkeypatch):
+    """A part that cannot be written (ENOSPC) is a SinkError naming the path; earlier parts stay committed."""
+    import errno
+
+    import runner.sink as sink_module
+
+    sink = _sink(tmp_path)
+    for row_id in range(3):
+        sink.write(_result(row_id))  # one committed part
+
+    def no_space(table, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sink_module, "_write_atomic", no_space)
+    with pytest.raises(SinkError, match="No space left on device") as info:
+        for row_id in range(3, 6):
+            sink.write(_result(row_id))
+    assert "part-000002.parquet" in info.value.message and "run the same command again" in info.value.hint
+    monkeypatch.undo()
+    sink.close()
+    again = _sink(tmp_path)
+    assert [r for r in range(6) if r in again.done] == [0, 1, 2, 3, 4, 5]  # the journal kept the rest

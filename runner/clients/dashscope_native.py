@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
-from ..errors import BadResponse, TransientCallError
-from ..records import Completion, Request, Usage
+from ..errors import BadResponse
+from ..records import Completion, Request
+from .bodies import load_success_json, text_of, usage_from
 from .classify import AUTH, PERMANENT, QUOTA, THROTTLED, TRANSIENT
-from .openai_compat import text_of
 
 NAME = "dashscope"
 
@@ -42,11 +41,7 @@ def build_payload(request: Request) -> dict[str, Any]:
 
 
 def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise TransientCallError(f"truncated or malformed JSON in a 200 answer ({exc})", code="malformed_body",
-                                 http_status=200, request_id=headers.get("x-request-id")) from exc
+    data = load_success_json(body, headers)
     request_id = (data.get("request_id") if isinstance(data, dict) else None) or headers.get("x-request-id")
     try:
         output = data["output"]
@@ -59,21 +54,13 @@ def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise BadResponse("a 200 answer without output.choices[0].message or output.text", code="bad_response",
                           http_status=200, request_id=request_id) from exc
-    usage = data.get("usage") or {}
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    output_details = usage.get("output_tokens_details") or {}
     finish = choice.get("finish_reason")
     return Completion(
         content=content,
         reasoning=reasoning,
-        finish_reason=None if finish == "null" else finish,
-        usage=Usage(
-            input_tokens=usage.get("input_tokens"),
-            output_tokens=usage.get("output_tokens"),
-            total_tokens=usage.get("total_tokens"),
-            cached_tokens=prompt_details.get("cached_tokens"),
-            reasoning_tokens=output_details.get("reasoning_tokens"),
-        ),
+        finish_reason=None if finish == "null" else finish,  # streaming frames spell "still going" "null"
+        usage=usage_from(data.get("usage"), input_name="input_tokens", output_name="output_tokens",
+                         output_details="output_tokens_details"),
         request_id=request_id,
     )
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
-from ..errors import BadResponse, TransientCallError
-from ..records import Completion, Request, Usage
+from ..errors import BadResponse
+from ..records import Completion, Request
+from .bodies import load_success_json, text_of, usage_from
 from .classify import AUTH, PERMANENT, QUOTA, THROTTLED, TRANSIENT
 
 NAME = "openai"
@@ -34,12 +34,7 @@ def build_payload(request: Request) -> dict[str, Any]:
 
 
 def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        # A 200 whose JSON does not parse was cut short on the way: worth another attempt.
-        raise TransientCallError(f"truncated or malformed JSON in a 200 answer ({exc})", code="malformed_body",
-                                 http_status=200, request_id=headers.get("x-request-id")) from exc
+    data = load_success_json(body, headers)
     request_id = headers.get("x-request-id") or _request_id_from_body(data)
     try:
         choice = data["choices"][0]
@@ -47,20 +42,12 @@ def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise BadResponse("a 200 answer without choices[0].message", code="bad_response",
                           http_status=200, request_id=request_id) from exc
-    usage = data.get("usage") or {}
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
     return Completion(
         content=text_of(message.get("content")),
         reasoning=message.get("reasoning_content") or None,
         finish_reason=choice.get("finish_reason"),
-        usage=Usage(
-            input_tokens=usage.get("prompt_tokens"),
-            output_tokens=usage.get("completion_tokens"),
-            total_tokens=usage.get("total_tokens"),
-            cached_tokens=prompt_details.get("cached_tokens"),
-            reasoning_tokens=completion_details.get("reasoning_tokens"),
-        ),
+        usage=usage_from(data.get("usage"), input_name="prompt_tokens", output_name="completion_tokens",
+                         output_details="completion_tokens_details"),
         request_id=request_id,
     )
 
@@ -86,11 +73,3 @@ def _request_id_from_body(data: Any) -> str | None:
         return data.get("request_id")
     return None
 
-
-def text_of(content: Any) -> str | None:
-    """Message content as text: a string as is, a list of parts joined by their text."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content)

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 try:
-    from tests.bench.harness import ROOT, start_emulator, stop_emulator
+    from tests.bench.harness import ROOT, start_emulator, stop_emulator, write_job
 except ImportError:  # run as a script: python tests/bench/bench_transport.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.bench.harness import ROOT, start_emulator, stop_emulator
+    from tests.bench.harness import ROOT, start_emulator, stop_emulator, write_job
 
 
 
@@ -39,24 +39,9 @@ def write_input(folder: Path, rows: int) -> Path:
 
 
 def run_once(folder: Path, url: str, transport: str, concurrency: int, rows: int) -> dict:
-    job = folder / f"job-{transport}-{concurrency}.toml"
-    out = folder / f"out-{transport}-{concurrency}.parquet"
-    job.write_text(f"""
-[input]
-path = "prompts.jsonl"
-id_column = "id"
-prompt_column = "prompt"
-[endpoint]
-base_url = "{url}/compatible-mode/v1"
-transport = "{transport}"
-[model]
-name = "qwen-plus"
-max_tokens = 64
-[run]
-concurrency = {concurrency}
-[output]
-path = "{out.name}"
-""")
+    name = f"out-{transport}-{concurrency}"
+    job = write_job(folder, url, name, transport=transport, concurrency=concurrency)
+    out = folder / f"{name}.parquet"
     env = {**os.environ, "DASHSCOPE_API_KEY": "sk-bench"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()

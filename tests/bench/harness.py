@@ -33,3 +33,26 @@ def stop_emulator(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def write_job(folder: Path, url: str, name: str, *, transport: str = "aiohttp", **run: object) -> Path:
+    """A benchmark job over `folder/prompts.jsonl` against the emulator at `url`; `run` fills [run]."""
+    run_lines = "\n".join(f"{key} = {value}" for key, value in run.items())
+    job = folder / f"{name}.toml"
+    job.write_text(f"""
+[input]
+path = "prompts.jsonl"
+id_column = "id"
+prompt_column = "prompt"
+[endpoint]
+base_url = "{url}/compatible-mode/v1"
+transport = "{transport}"
+[model]
+name = "qwen-plus"
+max_tokens = 64
+[run]
+{run_lines}
+[output]
+path = "{name}.parquet"
+""")
+    return job
