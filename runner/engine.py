@@ -21,6 +21,7 @@ import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .clients import ChatClient
+from .clients.stream_rules import StreamPolicy
 from .endpoints import ApiKey, base_url, resolve_api_key
 from .errors import Interrupted, RunnerError
 from .limits import RetryPolicy, call_with_retries
@@ -51,6 +52,7 @@ def job_fingerprint(spec: JobSpec) -> dict[str, str]:
         "endpoint": f"{spec.endpoint.dialect} {base_url(spec.endpoint)}",
         "model": spec.model.name,
         "params": json.dumps(dict(spec.model.params), sort_keys=True, default=str),
+        "stream": f"{spec.model.stream} {','.join(spec.model.stream_only_models)}",
     }
 
 
@@ -61,6 +63,7 @@ def _ok_result(request: Request, outcome, started_at: datetime) -> Result:
                   finish_reason=completion.finish_reason, usage=completion.usage,
                   request_id=completion.request_id, http_status=completion.http_status,
                   attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
+                  time_to_first_token_ms=completion.first_token_ms,
                   started_at=started_at, finished_at=_now(), request_hash=request.digest())
 
 
@@ -224,7 +227,9 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     started = time.perf_counter()
     finished = False
     try:
-        async with ChatClient(spec.endpoint, api_key, max_connections=concurrency, transport=transport) as client:
+        streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
+        async with ChatClient(spec.endpoint, api_key, max_connections=concurrency, transport=transport,
+                              streaming=streaming) as client:
             req_send, req_recv = anyio.create_memory_object_stream[Request](concurrency)
             # No buffer: a worker hands its result straight to the writer, which journals it before taking the
             # next, so a kill can lose at most one paid answer per worker (the rows in flight).

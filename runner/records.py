@@ -54,6 +54,7 @@ class Completion:
     usage: Usage
     request_id: str | None
     http_status: int = 200
+    first_token_ms: float | None = None  # streamed answers: time from sending to the first text
 
 
 @dataclass(slots=True)
@@ -76,6 +77,7 @@ class Result:
     http_status: int | None = None
     attempts: int = 0
     latency_ms: float | None = None
+    time_to_first_token_ms: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     request_hash: int | None = None  # Request.digest(); kept in part files, not in the final output
@@ -110,6 +112,7 @@ RESULT_FIELDS = (
     pa.field("http_status", pa.int32()),
     pa.field("attempts", pa.int32()),
     pa.field("latency_ms", pa.float64()),
+    pa.field("time_to_first_token_ms", pa.float64()),
     pa.field("started_at", _TS),
     pa.field("finished_at", _TS),
 )
@@ -148,6 +151,7 @@ def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
         "http_status": [r.http_status for r in results],
         "attempts": [r.attempts for r in results],
         "latency_ms": [r.latency_ms for r in results],
+        "time_to_first_token_ms": [r.time_to_first_token_ms for r in results],
         "started_at": [r.started_at for r in results],
         "finished_at": [r.finished_at for r in results],
         "request_hash": [r.request_hash for r in results],

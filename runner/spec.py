@@ -57,6 +57,7 @@ class EndpointSpec:
     api_key_file: Path | None = None
     timeout: float = 300.0
     connect_timeout: float = 10.0
+    stream_idle_timeout: float = 60.0
     transport: str = "aiohttp"
 
 
@@ -65,6 +66,8 @@ class ModelSpec:
     name: str
     # Generation parameters given in the job, in the provider's names; only those given are sent.
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    stream: str = "auto"  # "auto", "always" or "never" (the job file says "auto", true or false)
+    stream_only_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ def template_fields(template: str) -> tuple[str, ...]:
 # --- the key table -----------------------------------------------------------------------------
 
 _STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "true or false"
+_STREAM = 'true, false or "auto"'
 
 # Generation parameters accepted under [model], with the type each must have. They are sent under
 # these names (DashScope spells them the same in both dialects).
@@ -169,8 +173,10 @@ _SECTIONS: dict[str, dict[str, str]] = {
               "model_column": _STR, "params_column": _STR},
     "endpoint": {"dialect": _STR, "region": _STR, "base_url": _STR, "workspace": _STR,
                  "api_key_env": _STR, "api_key_file": _STR, "timeout": _NUM,
-                 "connect_timeout": _NUM, "transport": _STR, "api_key": "never set here"},
-    "model": {"name": _STR, **MODEL_PARAMS, "extra": "a table"},
+                 "connect_timeout": _NUM, "stream_idle_timeout": _NUM, "transport": _STR,
+                 "api_key": "never set here"},
+    "model": {"name": _STR, **MODEL_PARAMS, "extra": "a table", "stream": _STREAM,
+              "stream_only_models": "a list of strings"},
     "run": {"concurrency": _INT, "max_attempts": _INT, "backoff_initial": _NUM, "backoff_max": _NUM,
             "retry_after_max": _NUM, "max_error_rate": _NUM, "limit": _INT, "part_rows": _INT,
             "part_seconds": _NUM, "drain_seconds": _NUM},
@@ -187,6 +193,8 @@ def _type_ok(expected: str, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if expected == _BOOL:
         return isinstance(value, bool)
+    if expected == _STREAM:
+        return isinstance(value, bool) or value == "auto"
     if expected == "a table":
         return isinstance(value, dict)
     if expected == "a list of strings":
@@ -306,6 +314,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         api_key_file=_join(base, key_file) if key_file else None,
         timeout=float(positive("endpoint", "timeout", 300.0)),
         connect_timeout=float(positive("endpoint", "connect_timeout", 10.0)),
+        stream_idle_timeout=float(positive("endpoint", "stream_idle_timeout", 60.0)),
         transport=transport,
     )
 
@@ -316,7 +325,10 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         _raise(fail("model", "name", "expected a model name, got an empty string"))
     params = {k: v for k, v in model_raw.items() if k in MODEL_PARAMS}
     params.update(model_raw.get("extra", {}))
-    model = ModelSpec(name=name, params=MappingProxyType(params))
+    stream = model_raw.get("stream", "auto")
+    model = ModelSpec(name=name, params=MappingProxyType(params),
+                      stream=stream if stream == "auto" else ("always" if stream else "never"),
+                      stream_only_models=tuple(model_raw.get("stream_only_models", ())))
 
     # [run]
     run = RunSpec(

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .clients import DIALECTS
+from .clients.stream_rules import StreamPolicy
 from .endpoints import chat_url
 from .sources import open_source
 from .spec import JobSpec
@@ -25,6 +26,7 @@ class ValidationReport:
     first_duplicate: str | None = None
     models: Counter = field(default_factory=Counter)
     largest_body_bytes: int = 0
+    streamed: int = 0
     api_key_present: bool = False
     output_exists: bool = False
     unfinished_run: bool = False
@@ -39,7 +41,7 @@ class ValidationReport:
             + (f"  workspace {spec.endpoint.workspace}" if spec.endpoint.workspace else ""),
             "models     " + ", ".join(f"{name} ({n:,})" for name, n in self.models.most_common(5))
             + (f" and {len(self.models) - 5} more" if len(self.models) > 5 else ""),
-            f"rows       {self.rows - self.invalid:,} valid, {self.invalid:,} invalid"
+            f"rows       {self.rows - self.invalid:,} valid, {self.invalid:,} invalid, {self.streamed:,} streamed"
             + (f"; largest request body {self.largest_body_bytes:,} bytes" if self.largest_body_bytes else ""),
         ]
         if self.duplicate_keys:
@@ -68,6 +70,7 @@ class ValidationReport:
 def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     build_payload = DIALECTS[spec.endpoint.dialect].build_payload
+    streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
     report = ValidationReport(spec=spec, format=source.format)
     # Digests, not the keys themselves: 16 bytes a row is fine for a one-off check of a big file.
     seen_keys: set[bytes] = set()
@@ -85,7 +88,10 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
             continue
         report.models[request.model] += 1
         try:
-            size = len(json.dumps(build_payload(request), ensure_ascii=False, allow_nan=False).encode())
+            size = len(json.dumps(build_payload(request, stream=streaming.wants_stream(request.model, request.params)),
+                                  ensure_ascii=False, allow_nan=False).encode())
+            if streaming.wants_stream(request.model, request.params):
+                report.streamed += 1
         except (TypeError, ValueError) as exc:
             report.invalid += 1
             if len(report.problems) < show:

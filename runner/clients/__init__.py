@@ -8,8 +8,9 @@ answer to its dialect. Only this package sees httpx exceptions and status codes.
 from __future__ import annotations
 
 import json
+import time
 from types import ModuleType
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import quote
 
 import httpx
@@ -19,7 +20,9 @@ from ..errors import CallError, PermanentCallError, RunnerError, TransientCallEr
 from ..records import Completion, Request
 from ..spec import EndpointSpec
 from . import dashscope_native, openai_compat
-from .classify import body_snippet, kind_of, parse_error_body, retry_after_seconds, to_error
+from .classify import body_snippet, error_from, parse_error_body
+from .sse import SSEParser
+from .stream_rules import StreamPolicy
 
 DIALECTS: dict[str, ModuleType] = {"openai": openai_compat, "dashscope": dashscope_native}
 
@@ -31,13 +34,8 @@ ROW_KEY_HEADER = "X-Runner-Row-Key"
 def classify_answer(dialect: ModuleType, status: int, body: bytes, headers: Mapping[str, str],
                     *, region_hint: str = "this region") -> CallError | RunnerError:
     """The error for a non-2xx answer, by status, body code and message."""
-    code, message, request_id = dialect.error_fields(parse_error_body(body))
-    if not code and not message:
-        message = body_snippet(body)
-    kind = kind_of(status, code, message, dialect.CODE_TABLE)
-    return to_error(kind, status=status, code=code, message=message,
-                    request_id=request_id or headers.get("x-request-id"),
-                    retry_after=retry_after_seconds(headers), region_hint=region_hint)
+    return error_from(status, parse_error_body(body), headers, error_fields=dialect.error_fields,
+                      table=dialect.CODE_TABLE, fallback_message=body_snippet(body), region_hint=region_hint)
 
 
 def _transport_error(exc: httpx.TransportError) -> TransientCallError:
@@ -58,8 +56,11 @@ class ChatClient:
     """Sends one attempt of a chat request. Raises CallError (row-level) or RunnerError (run-level)."""
 
     def __init__(self, endpoint: EndpointSpec, api_key: ApiKey, *, max_connections: int,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, streaming: StreamPolicy = StreamPolicy(),
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.endpoint = endpoint
+        self.streaming = streaming
+        self._clock = clock
         self.dialect = DIALECTS[endpoint.dialect]
         self.url = chat_url(endpoint)
         self._api_key = api_key
@@ -93,17 +94,47 @@ class ChatClient:
 
     async def complete(self, request: Request) -> Completion:
         assert self._http is not None, "use `async with ChatClient(...)`"
+        stream = self.streaming.wants_stream(request.model, request.params)
         try:
-            payload = json.dumps(self.dialect.build_payload(request), ensure_ascii=False, allow_nan=False).encode()
+            payload = json.dumps(self.dialect.build_payload(request, stream=stream), ensure_ascii=False,
+                                 allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise PermanentCallError(f"the request cannot be encoded as JSON ({exc})", code="unencodable_request") from None
         key = request.key if request.key.isascii() else quote(request.key, safe="")
+        if stream:
+            return await self._complete_streamed(payload, key)
         try:
             response = await self._http.post(self.url, content=payload, headers={ROW_KEY_HEADER: key})
         except httpx.TransportError as exc:
             raise _transport_error(exc) from exc
-        headers = response.headers
+        return self._answer(response)
+
+    def _answer(self, response: httpx.Response) -> Completion:
         if 200 <= response.status_code < 300:
-            return self.dialect.parse_success(response.content, headers)
-        raise classify_answer(self.dialect, response.status_code, response.content, headers,
+            return self.dialect.parse_success(response.content, response.headers)
+        raise classify_answer(self.dialect, response.status_code, response.content, response.headers,
                               region_hint=self._region_hint)
+
+    async def _complete_streamed(self, payload: bytes, key: str) -> Completion:
+        """One streamed attempt: a Completion only from a stream that reached its final frame."""
+        headers = {ROW_KEY_HEADER: key, **self.dialect.STREAM_HEADERS}
+        timeout = httpx.Timeout(self.endpoint.timeout, connect=self.endpoint.connect_timeout,
+                                read=self.endpoint.stream_idle_timeout)
+        sent_at = self._clock()
+        try:
+            async with self._http.stream("POST", self.url, content=payload, headers=headers,
+                                         timeout=timeout) as response:
+                if not (200 <= response.status_code < 300) or \
+                        "text/event-stream" not in response.headers.get("content-type", ""):
+                    await response.aread()  # an error answer, or a server that answered without streaming
+                    return self._answer(response)
+                parser = SSEParser()
+                assembler = self.dialect.StreamAssembler(response.headers, sent_at, self._clock)
+                async for chunk in response.aiter_bytes():
+                    for event in parser.feed(chunk):
+                        assembler.add(event)
+                for event in parser.close():
+                    assembler.add(event)
+                return assembler.finish()
+        except httpx.TransportError as exc:
+            raise _transport_error(exc) from exc

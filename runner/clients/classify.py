@@ -75,6 +75,17 @@ def to_error(kind: str, *, status: int, code: str | None, message: str, request_
     return PermanentCallError(message or detail, **fields)
 
 
+def error_from(status: int, data: dict | None, headers: Mapping[str, str], *, error_fields, table: Mapping[str, str],
+               fallback_message: str = "", region_hint: str = "this region") -> CallError | RunnerError:
+    """The error for an error answer already parsed to JSON (a response body or an in-band stream frame)."""
+    code, message, request_id = error_fields(data)
+    if not code and not message:
+        message = fallback_message
+    return to_error(kind_of(status, code, message, table), status=status, code=code, message=message,
+                    request_id=request_id or headers.get("x-request-id"),
+                    retry_after=retry_after_seconds(headers), region_hint=region_hint)
+
+
 def parse_error_body(body: bytes) -> dict | None:
     """The JSON object of an error answer; also finds it in an SSE-framed body (facts 3.5)."""
     try:
