@@ -250,14 +250,18 @@ def test_json_object_needs_the_word_json(srv: Served) -> None:
     assert isinstance(json.loads(content), dict)
 
 
-def test_streaming_requests_are_rejected_as_not_emulated(srv: Served) -> None:
-    """stream=true (compat) and X-DashScope-SSE / Accept: text/event-stream (native) get a 400."""
-    body = assert_compat_error(srv.compat(compat_body(stream=True)), 400, "invalid_parameter_error")
-    assert "not emulated" in body["error"]["message"]
+def test_streaming_requests_are_answered_as_sse(srv: Served) -> None:
+    """stream=true (compat) and X-DashScope-SSE / Accept: text/event-stream (native) get an SSE
+    stream (its frames are pinned in test_emulator_stream.py)."""
+    r = srv.compat(compat_body(stream=True))
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/event-stream;charset=UTF-8"
+    assert r.text.startswith("data: {") and r.text.endswith("data: [DONE]\n\n")
     for header in ({"X-DashScope-SSE": "enable"}, {"Accept": "text/event-stream"}):
         r = srv.native(native_body(), headers=header)
-        body = assert_native_error(r, 400, "InvalidParameter")
-        assert "not emulated" in body["message"]
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream;charset=UTF-8"
+        assert r.text.startswith("id:1\nevent:result\n:HTTP_STATUS/200\ndata:{")
 
 
 def test_malformed_requests_are_400_in_dialect_shape(srv: Served) -> None:
@@ -520,4 +524,6 @@ def test_config_rejects_rates_summing_above_one_and_is_hashable() -> None:
     b = EmulatorConfig(faults=[("429", 0.2), ("500", 0.1)])
     assert a == b and hash(a) == hash(b)
     assert dict(a.faults) == {"429": 0.2, "500": 0.1}
-    assert set(FAULT_NAMES) >= {"429", "hang", "drop", "malformed", "slow", "502"}
+    assert set(FAULT_NAMES) >= {"429", "hang", "drop", "malformed", "slow", "502", "stream_drop",
+                                "stream_truncate", "stream_malformed", "stream_error"}
+    assert parse_fault_spec("stream_error=0.05") == ("stream_error", 0.05)

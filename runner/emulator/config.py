@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .faults import FaultRates
+from .limits import Limit, LimitTable, check_rate
 
 DEFAULT_MODELS: frozenset[str] = frozenset(
     {
@@ -40,6 +41,9 @@ STREAM_ONLY: frozenset[str] = frozenset({"qwq-plus"})
 STREAM_ONLY_WHILE_THINKING: frozenset[str] = frozenset({"qwen3-235b-a22b", "qwen3-32b"})
 
 
+NATIVE_STREAM_ERROR_MODES: tuple[str, ...] = ("200", "4xx")
+
+
 @dataclass(frozen=True)
 class EmulatorConfig:
     """How the emulator answers. Frozen and hashable, so it can be shared across threads
@@ -47,6 +51,17 @@ class EmulatorConfig:
 
     faults maps a fault name (see FAULT_NAMES) to its probability per attempt; any mapping
     or iterable of (name, rate) pairs is accepted and stored as a read-only FaultRates.
+
+    Streams: the answer text (reasoning, then content) is cut into at most `stream_chunks`
+    frames with `chunk_delay_ms` between frames. `native_stream_error_status` says how a native
+    stream reports an error that happens before its first frame: "200" (HTTP 200, one
+    ``event:error`` frame) or "4xx" (the error's own status, the SSE-framed error as body,
+    ``content-type: application/json``), the two behaviours seen from the real API.
+
+    Rate limits (see limits.py): `rpm`/`tpm` apply to each model separately (None: no limit),
+    `limits` overrides them per model as model -> (rpm, tpm), where None inherits the global
+    value and ``inf`` lifts it. `burst_factor` (None: off) and `burst_window_s` configure
+    Throttling.BurstRate. Accepted as a mapping, pairs or "MODEL=RPM:TPM" strings.
     """
 
     latency_ms: float = 0.0
@@ -58,11 +73,21 @@ class EmulatorConfig:
     hang_seconds: float = 600.0
     models: frozenset[str] = DEFAULT_MODELS
     retry_after: float | None = None
+    stream_chunks: int = 8
+    chunk_delay_ms: float = 0.0
+    native_stream_error_status: str = "200"
+    rpm: float | None = None
+    tpm: float | None = None
+    limits: Mapping[str, Limit] = field(default_factory=LimitTable)
+    burst_window_s: float = 1.0
+    burst_factor: float | None = None
 
     def __post_init__(self) -> None:
         # object.__setattr__ because the dataclass is frozen; this only normalises inputs.
         if not isinstance(self.faults, FaultRates):
             object.__setattr__(self, "faults", FaultRates(self.faults))
+        if not isinstance(self.limits, LimitTable):
+            object.__setattr__(self, "limits", LimitTable(self.limits))
         if self.api_keys is not None:
             if isinstance(self.api_keys, str):
                 raise ValueError("api_keys must be a tuple of keys, not one string")
@@ -73,6 +98,27 @@ class EmulatorConfig:
             _check_non_negative(name, getattr(self, name))
         if self.retry_after is not None:
             _check_non_negative("retry_after", self.retry_after)
+        chunks = self.stream_chunks
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"stream_chunks must be an integer >= 1, got {chunks!r}")
+        _check_non_negative("chunk_delay_ms", self.chunk_delay_ms)
+        if self.native_stream_error_status not in NATIVE_STREAM_ERROR_MODES:
+            raise ValueError(
+                "native_stream_error_status must be one of "
+                f"{', '.join(NATIVE_STREAM_ERROR_MODES)}, got {self.native_stream_error_status!r}"
+            )
+        for name in ("rpm", "tpm"):
+            if getattr(self, name) is not None:
+                check_rate(name, getattr(self, name))
+        _check_non_negative("burst_window_s", self.burst_window_s)
+        if self.burst_window_s == 0:
+            raise ValueError("burst_window_s must be > 0, got 0")
+        if self.burst_factor is not None:
+            factor = self.burst_factor
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+                math.isfinite(factor) and factor >= 1
+            ):
+                raise ValueError(f"burst_factor must be a finite number >= 1, got {factor!r}")
 
 
 def _check_non_negative(name: str, value: float) -> None:
@@ -80,4 +126,4 @@ def _check_non_negative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-__all__ = ["DEFAULT_MODELS", "EmulatorConfig"]
+__all__ = ["DEFAULT_MODELS", "NATIVE_STREAM_ERROR_MODES", "EmulatorConfig"]

@@ -27,8 +27,14 @@ FAULT_NAMES: tuple[str, ...] = (
     "slow",  # normal answer after slow_ms
     "hang",  # 504 after hang_seconds
     "drop",  # connection closed without a response
-    "malformed",  # 200 with a truncated JSON body
+    "malformed",  # 200 with a truncated JSON body (a stream: like stream_malformed)
+    # Stream-only faults: a non-streaming request that draws one answers normally.
+    "stream_drop",  # some frames, then the TCP connection is aborted mid-body
+    "stream_truncate",  # some frames, then a clean end without the final frame(s)
+    "stream_malformed",  # some frames, then one frame whose data is not JSON, then the end
+    "stream_error",  # some frames, then an in-band quota error (429 AllocationQuota), then the end
 )
+STREAM_FAULTS: frozenset[str] = frozenset(n for n in FAULT_NAMES if n.startswith("stream_"))
 _ORDER = {name: i for i, name in enumerate(FAULT_NAMES)}
 _VALID = ", ".join(FAULT_NAMES)
 

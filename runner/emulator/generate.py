@@ -1,7 +1,8 @@
 """The fake model: a dialect-neutral call in, a deterministic completion (or an ApiError) out.
 
 Nothing here knows about HTTP or either wire format; responses.py parses requests into a
-ChatCall and renders a Completion, so a later SSE renderer can reuse the same data.
+ChatCall and renders a Completion, and sse.py cuts the same Completion into stream frames, so a
+streamed answer carries exactly the text and usage of the non-streamed one.
 """
 
 from __future__ import annotations
@@ -47,8 +48,14 @@ MSG_JSON_THINKING = "Json mode response is not supported when enable_thinking is
 MSG_TEXT_FORMAT_THINKING = (
     ALGO_PREFIX + 'The result_format parameter must be "message" when enable_thinking is true'
 )
-MSG_STREAM_NOT_EMULATED = (
-    "Streaming is not emulated yet: the emulator answers only non-streaming calls."
+MSG_INCREMENTAL_THINKING = (
+    ALGO_PREFIX + 'The incremental_output parameter must be "true" when enable_thinking is true'
+)
+
+# Models that think when asked to (or by default) in a stream; a non-streaming call may think
+# only on THINKING_NON_STREAM_OK.
+THINKING_WHEN_STREAMING: frozenset[str] = (
+    THINKING_NON_STREAM_OK | THINKING_STREAM_ONLY | STREAM_ONLY | STREAM_ONLY_WHILE_THINKING
 )
 
 
@@ -76,6 +83,10 @@ class ChatCall:
     thinking_budget: int | None = None
     response_format: str | None = None  # "json_object", "json_schema", "text" or None
     result_format: str = "message"  # native only: "message" or "text"
+    stream: bool = False  # compat "stream": true; native X-DashScope-SSE / Accept header
+    include_usage: bool = False  # compat stream_options.include_usage
+    # Frames carry only the new piece: native parameters.incremental_output; always in compat.
+    incremental_output: bool = False
 
 
 @dataclass(slots=True)
@@ -131,17 +142,23 @@ def complete(call: ChatCall) -> Completion:
     model = call.model
     thinking = call.enable_thinking
     if thinking is None:
-        thinking = model in THINKING_DEFAULT_ON
-    if model in STREAM_ONLY:
-        if call.enable_thinking is False:
-            raise invalid(MSG_THINKING_RESTRICTED)
-        raise invalid(MSG_STREAM_ONLY)
-    if thinking and model in STREAM_ONLY_WHILE_THINKING:
-        raise invalid(MSG_STREAM_ONLY)
-    if thinking and model in THINKING_STREAM_ONLY:
-        raise invalid(MSG_THINKING_NON_STREAM)
-    # Other models (qwen-max, custom names) are not thinking models: the flag is ignored.
-    thinking = thinking and model in THINKING_NON_STREAM_OK
+        thinking = model in THINKING_DEFAULT_ON or model in STREAM_ONLY
+    if model in STREAM_ONLY and call.enable_thinking is False:
+        raise invalid(MSG_THINKING_RESTRICTED)
+    if call.stream:
+        # Streams lift the stream-only rules. Other models (qwen-max, custom names) are not
+        # thinking models: the flag is ignored.
+        thinking = thinking and model in THINKING_WHEN_STREAMING
+        if thinking and not call.incremental_output:
+            raise invalid(MSG_INCREMENTAL_THINKING)
+    else:
+        if model in STREAM_ONLY:
+            raise invalid(MSG_STREAM_ONLY)
+        if thinking and model in STREAM_ONLY_WHILE_THINKING:
+            raise invalid(MSG_STREAM_ONLY)
+        if thinking and model in THINKING_STREAM_ONLY:
+            raise invalid(MSG_THINKING_NON_STREAM)
+        thinking = thinking and model in THINKING_NON_STREAM_OK
 
     texts = [message_text(m.get("content")) for m in call.messages]
     chars = sum(len(t) for t in texts)

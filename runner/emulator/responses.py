@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 
 from .generate import (
     ALGO_PREFIX,
-    MSG_STREAM_NOT_EMULATED,
     ApiError,
     ChatCall,
     Completion,
@@ -114,6 +113,17 @@ MSG_NO_MESSAGES = 'Either "prompt" or "messages" must exist and cannot both be n
 MSG_NO_MODEL = "Model not exist."
 
 
+# json.dumps with non-default options builds a new encoder per call; bodies and stream frames
+# are encoded often enough for that to show.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def dump(body: Any) -> bytes:
+    """Compact JSON as the real API sends it, UTF-8 ("replace" only matters for lone
+    surrogates echoed from input)."""
+    return _ENCODE(body).encode("utf-8", "replace")
+
+
 def new_request_id(bits: int) -> str:
     """Format 128 random bits in the 8-4-4-4-12 layout real request ids use."""
     h = f"{bits:032x}"
@@ -151,6 +161,32 @@ def _thinking(value: Any) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
+def openai_usage(done: Completion) -> dict[str, Any]:
+    """The compat usage object, the same in a plain answer and a stream's usage chunk."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    if done.reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": done.reasoning_tokens}
+    return usage
+
+
+def native_usage(done: Completion) -> dict[str, Any]:
+    """The native usage object, the same in a plain answer and a stream's final frame."""
+    usage: dict[str, Any] = {
+        "input_tokens": done.prompt_tokens,
+        "output_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    if done.reasoning is not None:
+        usage["output_tokens_details"] = {"reasoning_tokens": done.reasoning_tokens}
+    return usage
+
+
 class OpenAIDialect:
     """OpenAI-compatible mode: /compatible-mode/v1/chat/completions."""
 
@@ -162,8 +198,9 @@ class OpenAIDialect:
         if "messages" not in data:
             raise invalid(MSG_NO_MESSAGES)
         messages = check_messages(data["messages"])
-        if data.get("stream") is True:
-            raise invalid(MSG_STREAM_NOT_EMULATED)
+        stream = data.get("stream") is True
+        options = data.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         max_tokens = data.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = data.get("max_tokens")
@@ -174,19 +211,20 @@ class OpenAIDialect:
             enable_thinking=_thinking(data.get("enable_thinking")),
             thinking_budget=_thinking_budget(data.get("thinking_budget")),
             response_format=_response_format(data.get("response_format")),
+            stream=stream,
+            include_usage=stream and include_usage,
+            incremental_output=stream,
         )
+
+    def sse_requested(self, headers: Mapping[str, str]) -> bool:
+        """Compat decides streaming from the body ("stream": true), not from headers."""
+        return False
 
     def success(self, call: ChatCall, done: Completion, rid: str) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": done.content}
-        usage: dict[str, Any] = {
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-        }
         if done.reasoning is not None:
             message["reasoning_content"] = done.reasoning
-            usage["completion_tokens_details"] = {"reasoning_tokens": done.reasoning_tokens}
+        usage = openai_usage(done)
         return {
             "choices": [
                 {
@@ -237,10 +275,7 @@ class DashScopeDialect:
             messages = [{"role": "user", "content": payload["prompt"]}]
         else:
             raise invalid(MSG_NO_MESSAGES)
-        # The HTTP server decides streaming from headers, not from parameters.stream.
-        sse = headers.get("X-DashScope-SSE", "").lower() == "enable"
-        if sse or "text/event-stream" in headers.get("Accept", ""):
-            raise invalid(MSG_STREAM_NOT_EMULATED)
+        stream = self.sse_requested(headers)
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise invalid(ALGO_PREFIX + "'parameters' must be an object")
@@ -255,22 +290,24 @@ class DashScopeDialect:
             thinking_budget=_thinking_budget(params.get("thinking_budget")),
             response_format=_response_format(params.get("response_format")),
             result_format=result_format,
+            stream=stream,
+            incremental_output=stream and params.get("incremental_output") is True,
         )
 
+    def sse_requested(self, headers: Mapping[str, str]) -> bool:
+        """The HTTP server decides streaming from headers, not from parameters.stream."""
+        if headers.get("X-DashScope-SSE", "").lower() == "enable":
+            return True
+        return "text/event-stream" in headers.get("Accept", "")
+
     def success(self, call: ChatCall, done: Completion, rid: str) -> dict[str, Any]:
-        usage: dict[str, Any] = {
-            "input_tokens": done.prompt_tokens,
-            "output_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-        }
+        usage = native_usage(done)
         if call.result_format == "text":
             output: dict[str, Any] = {"finish_reason": done.finish_reason, "text": done.content}
         else:
             message: dict[str, Any] = {"role": "assistant", "content": done.content}
             if done.reasoning is not None:
                 message["reasoning_content"] = done.reasoning
-                usage["output_tokens_details"] = {"reasoning_tokens": done.reasoning_tokens}
             output = {"choices": [{"finish_reason": done.finish_reason, "message": message}]}
         return {"output": output, "usage": usage, "request_id": rid}
 

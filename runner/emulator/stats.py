@@ -26,6 +26,13 @@ class Stats:
         self.workspaces: dict[str, int] = {}
         self.keys: dict[str, list[int]] = {}
         self.succeeded_more_than_once = 0
+        # Requests whose body parsed, by whether they asked for a stream.
+        self.by_stream: dict[str, int] = {"stream": 0, "plain": 0}
+        # Rate limiting: rejections by rule; per model, what the limiter let through.
+        self.rejected: dict[str, int] = {"rpm": 0, "tpm": 0, "burst": 0}
+        self.admitted: dict[str, int] = {}
+        self.tokens_admitted: dict[str, int] = {}
+        self.by_model_status: dict[str, dict[int, int]] = {}
         # Requests still in flight across a reset are part of the new peak.
         self.max_in_flight = self.in_flight
 
@@ -45,7 +52,13 @@ class Stats:
         entry[0] += 1
         return entry[0]
 
+    def admit(self, model: str, tokens: int) -> None:
+        """The limiter let a request of `tokens` tokens through for `model`."""
+        self.admitted[model] = self.admitted.get(model, 0) + 1
+        self.tokens_admitted[model] = self.tokens_admitted.get(model, 0) + tokens
+
     def succeeded(self, key: str) -> None:
+        """A full answer was sent: a plain 200, or a stream up to and including its final frame."""
         entry = self.keys.get(key)
         if entry is None:  # the key arrived before a reset; count it afresh
             self.keys[key] = entry = [0, 0]
@@ -62,6 +75,14 @@ class Stats:
             "by_model": dict(self.by_model),
             "by_dialect": dict(self.by_dialect),
             "workspaces": dict(self.workspaces),
+            "by_stream": dict(self.by_stream),
+            "rejected": dict(self.rejected),
+            "admitted": dict(self.admitted),
+            "tokens_admitted": dict(self.tokens_admitted),
+            "by_model_status": {
+                model: {str(code): n for code, n in sorted(codes.items())}
+                for model, codes in self.by_model_status.items()
+            },
         }
         if keys:
             data["keys"] = {k: {"received": r, "succeeded": s} for k, (r, s) in self.keys.items()}

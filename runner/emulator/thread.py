@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -32,15 +33,22 @@ class Emulator:
     >>> with Emulator(EmulatorConfig(faults={"429": 0.1})) as emu:
     ...     client = httpx.Client(base_url=emu.openai_base_url)
 
+    `clock` (monotonic seconds, called on the server thread) drives the rate limiter.
     start() returns once the socket listens; stop() wakes sleeping `hang`/`slow` handlers,
     closes the listening socket and joins the thread. stats() and reset() are safe from any
     thread, and stats() still works after stop().
     """
 
     def __init__(
-        self, config: EmulatorConfig = EmulatorConfig(), host: str = "127.0.0.1", port: int = 0
+        self,
+        config: EmulatorConfig = EmulatorConfig(),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.host = host
         self._requested_port = port
         self._port: int | None = None
@@ -99,7 +107,7 @@ class Emulator:
             self._ready.set()
 
     async def _main(self) -> None:
-        app = build_app(self.config)
+        app = build_app(self.config, clock=self.clock)
         runner, self._port = await start_site(app, self.host, self._requested_port)
         self._state = app[STATE]
         self._loop = asyncio.get_running_loop()

@@ -1,0 +1,287 @@
+"""Per-model rate limits with DashScope's semantics (dashscope-api.md section 6).
+
+RPM and TPM are enforced per second, as the real service does: RPS = RPM/60 and TPS = TPM/60.
+Each model has its own gate (the request's ``model`` string, so ``qwen-plus`` and
+``qwen-plus-latest`` are independent), made of:
+
+- a requests bucket holding at most one second's worth (RPS) and refilled continuously at RPS
+  per second, starting full;
+- a tokens bucket likewise holding TPS tokens, refilled at TPS per second, starting full;
+- optionally a burst guard (see BurstGuard).
+
+A request of cost ``n`` (1 for the requests bucket; for the tokens bucket its prompt tokens
+plus the tokens of the deterministic completion, i.e. the ``total_tokens`` its answer reports)
+needs ``min(n, capacity)`` in the bucket and then takes ``n``. So a request larger than one
+second's worth (a limit below 60 RPM, or one prompt above TPS tokens) is admitted only when the
+bucket is full and leaves it in debt, instead of never being admitted. The checks run in the
+order burst, requests, tokens; nothing is taken unless all pass, and a rejected request takes
+nothing. The first failing check names the rejection: "burst" (Throttling.BurstRate), "rpm"
+(Throttling.RateQuota) or "tpm" (Throttling.AllocationQuota).
+
+Time comes from an injected ``clock`` (seconds, monotonic), so tests can drive it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+Limit = tuple[float | None, float | None]  # (rpm, tpm); None: no limit (or inherit, in overrides)
+
+# Float refills (e.g. 1/300 s steps) land a hair below whole numbers; do not reject for that.
+_EPSILON = 1e-9
+
+
+def parse_limit_spec(text: str) -> tuple[str, Limit]:
+    """Parse ``"qwen-plus=600:1000000"`` into ``("qwen-plus", (600.0, 1000000.0))``.
+
+    Either side may be empty (``"qwen-max=120:"``, ``"qwen-max=:100000"``): None, which
+    inherits the global rpm/tpm. ``inf`` means no limit for that model."""
+    model, sep, rest = text.partition("=")
+    model = model.strip()
+    rpm_text, colon, tpm_text = rest.partition(":")
+    if not sep or not model or not colon:
+        raise ValueError(
+            f"bad limit spec {text!r}: expected MODEL=RPM:TPM (either side may be empty)"
+        )
+    return model, (_parse_rate(text, rpm_text), _parse_rate(text, tpm_text))
+
+
+def _parse_rate(label: str, text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"bad limit spec {label!r}: {text!r} is not a number") from None
+    check_rate(f"limit {label!r}", value)
+    return value
+
+
+def check_rate(name: str, value: Any) -> None:
+    """A per-minute limit must be a number > 0 (``inf`` allowed: no limit)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+class LimitTable(Mapping[str, Limit]):
+    """A read-only, hashable mapping model -> (rpm, tpm) of per-model overrides.
+
+    Accepts a mapping, an iterable of (model, (rpm, tpm)) pairs, or of "MODEL=RPM:TPM" strings.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, limits: Mapping[str, Limit] | Iterable[Any] = ()) -> None:
+        items = limits.items() if isinstance(limits, Mapping) else limits
+        merged: dict[str, Limit] = {}
+        for item in items:
+            model, pair = parse_limit_spec(item) if isinstance(item, str) else item
+            rpm, tpm = pair
+            for name, value in (("rpm", rpm), ("tpm", tpm)):
+                if value is not None:
+                    check_rate(f"limits[{model!r}] {name}", value)
+            merged[str(model)] = (
+                None if rpm is None else float(rpm),
+                None if tpm is None else float(tpm),
+            )
+        self._items = tuple(sorted(merged.items()))
+
+    def __getitem__(self, model: str) -> Limit:
+        for name, pair in self._items:
+            if name == model:
+                return pair
+        raise KeyError(model)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LimitTable):
+            return self._items == other._items
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"LimitTable({dict(self._items)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LimitTable, (self._items,))
+
+
+class Bucket:
+    """A token bucket of capacity `per_second` (one second's worth), refilled continuously."""
+
+    __slots__ = ("per_second", "level", "stamp")
+
+    def __init__(self, per_second: float, now: float) -> None:
+        self.per_second = per_second
+        self.level = per_second  # starts full: an idle client has a second's worth
+        self.stamp = now
+
+    def refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.per_second, self.level + (now - self.stamp) * self.per_second)
+            self.stamp = now
+
+    def has(self, cost: float) -> bool:
+        return self.level + _EPSILON >= min(cost, self.per_second)
+
+    def take(self, cost: float) -> None:
+        self.level -= cost
+
+
+class BurstGuard:
+    """Throttling.BurstRate: reject a request when admitted traffic jumps too fast.
+
+    Rule: with window ``w`` (burst_window_s) and factor ``f`` (burst_factor), let ``cur`` be the
+    number of requests admitted in the sliding window ``(now - w, now]`` and ``prev`` the number
+    admitted in ``(now - 2w, now - w]``. A new request is rejected when
+    ``cur + 1 > f * max(prev, floor)``, with ``floor = max(1, RPS * w / 10)`` (RPS = RPM/60, 0
+    without an RPM limit). Only admitted requests are counted, so a rejected client still ramps:
+    each window may carry up to ``f`` times the previous one.
+
+    Consequences: a client that starts at no more than ``f * floor`` requests per window and
+    whose rate then grows by a factor ``g < f`` per window always passes (``g == f`` is
+    borderline: sliding windows count +-1 request, so doubling per second wants ``f >= 2.5``);
+    one that jumps from idle to full concurrency at once gets only ``f * floor`` requests
+    through in its first window and BurstRate for the rest.
+    """
+
+    __slots__ = ("factor", "window", "floor", "_recent", "_older")
+
+    def __init__(self, factor: float, window: float, floor: float) -> None:
+        self.factor = factor
+        self.window = window
+        self.floor = max(1.0, floor)
+        self._recent: deque[float] = deque()  # admitted in (now - w, now]
+        self._older: deque[float] = deque()  # admitted in (now - 2w, now - w]
+
+    def _advance(self, now: float) -> None:
+        edge = now - self.window
+        recent, older = self._recent, self._older
+        while recent and recent[0] <= edge:
+            older.append(recent.popleft())
+        edge -= self.window
+        while older and older[0] <= edge:
+            older.popleft()
+
+    def allows(self, now: float) -> bool:
+        self._advance(now)
+        return len(self._recent) + 1 <= self.factor * max(len(self._older), self.floor)
+
+    def admitted(self, now: float) -> None:
+        self._recent.append(now)
+
+
+class ModelGate:
+    """The limits of one model: requests bucket, tokens bucket, burst guard (each optional)."""
+
+    __slots__ = ("requests", "tokens", "burst")
+
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        burst_factor: float | None,
+        burst_window: float,
+        now: float,
+    ) -> None:
+        rps = rpm / 60.0 if rpm is not None and math.isfinite(rpm) else None
+        tps = tpm / 60.0 if tpm is not None and math.isfinite(tpm) else None
+        self.requests = Bucket(rps, now) if rps is not None else None
+        self.tokens = Bucket(tps, now) if tps is not None else None
+        self.burst = (
+            BurstGuard(burst_factor, burst_window, (rps or 0.0) * burst_window / 10.0)
+            if burst_factor is not None
+            else None
+        )
+
+    def check(self, now: float, tokens: int) -> str | None:
+        """Admit (None, and take from the buckets) or name the rejection."""
+        burst, requests, bucket = self.burst, self.requests, self.tokens
+        if burst is not None and not burst.allows(now):
+            return "burst"
+        if requests is not None:
+            requests.refill(now)
+            if not requests.has(1):
+                return "rpm"
+        if bucket is not None:
+            bucket.refill(now)
+            if not bucket.has(tokens):
+                return "tpm"
+        if requests is not None:
+            requests.take(1)
+        if bucket is not None:
+            bucket.take(tokens)
+        if burst is not None:
+            burst.admitted(now)
+        return None
+
+
+class RateLimits:
+    """Every model's gate, made on first use from the config (global rpm/tpm, overrides)."""
+
+    def __init__(
+        self,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        limits: Mapping[str, Limit] | None = None,
+        burst_factor: float | None = None,
+        burst_window_s: float = 1.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self.limits = dict(limits or {})
+        self.burst_factor = burst_factor
+        self.burst_window_s = burst_window_s
+        self.clock = clock or time.monotonic
+        self._gates: dict[str, ModelGate | None] = {}
+        # No limit anywhere: skip the clock and the dict on the hot path.
+        self.active = bool(
+            rpm is not None or tpm is not None or burst_factor is not None
+            or any(r is not None or t is not None for r, t in self.limits.values())
+        )
+
+    def limit_for(self, model: str) -> Limit:
+        """(rpm, tpm) for `model`: its override where given, else the global value."""
+        rpm, tpm = self.limits.get(model, (None, None))
+        return (self.rpm if rpm is None else rpm, self.tpm if tpm is None else tpm)
+
+    def check(self, model: str, tokens: int) -> str | None:
+        """Admit one request of `tokens` tokens for `model` (None) or return "burst"/"rpm"/"tpm"."""
+        if not self.active:
+            return None
+        gates = self._gates
+        try:
+            gate = gates[model]
+        except KeyError:
+            rpm, tpm = self.limit_for(model)
+            gate = None
+            if rpm is not None or tpm is not None or self.burst_factor is not None:
+                gate = ModelGate(rpm, tpm, self.burst_factor, self.burst_window_s, self.clock())
+            gates[model] = gate
+        if gate is None:
+            return None
+        return gate.check(self.clock(), tokens)
+
+
+__all__ = [
+    "BurstGuard",
+    "Bucket",
+    "LimitTable",
+    "ModelGate",
+    "RateLimits",
+    "check_rate",
+    "parse_limit_spec",
+]

@@ -1,0 +1,99 @@
+"""What one app instance owns: config, counters, rate limits, randomness, sleepers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .config import EmulatorConfig
+from .generate import ApiError
+from .limits import RateLimits
+from .stats import Stats
+
+
+class Sleeper:
+    """asyncio.sleep that shutdown can cut short, so `hang` never holds the server open."""
+
+    def __init__(self) -> None:
+        self._waiting: set[asyncio.Future[bool]] = set()
+        self.closing = False
+
+    async def sleep(self, seconds: float) -> bool:
+        """Sleep; True if the time passed, False if woken by shutdown."""
+        if self.closing:
+            return False
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        handle = loop.call_later(seconds, _resolve, future, True)
+        self._waiting.add(future)
+        try:
+            return await future
+        finally:
+            handle.cancel()
+            self._waiting.discard(future)
+
+    def wake_all(self) -> None:
+        self.closing = True
+        for future in self._waiting:
+            _resolve(future, False)
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class EmulatorState:
+    """Everything one app instance owns. `clock` drives the rate limiter only."""
+
+    def __init__(
+        self, config: EmulatorConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.sleeper = Sleeper()
+        self.api_keys = frozenset(config.api_keys) if config.api_keys is not None else None
+        # Request ids and latency jitter only; fault choice never uses this stream.
+        self.rng = random.Random()
+        self.retry_after = None if config.retry_after is None else f"{config.retry_after:g}"
+        self.limits = RateLimits(
+            rpm=config.rpm,
+            tpm=config.tpm,
+            limits=config.limits,
+            burst_factor=config.burst_factor,
+            burst_window_s=config.burst_window_s,
+            clock=clock,
+        )
+        self.chunk_delay = config.chunk_delay_ms / 1000.0
+
+    def check_auth(self, header: str | None) -> None:
+        if not header:
+            raise ApiError("missing_api_key")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError("invalid_api_key")
+        if self.api_keys is None:
+            if not token.startswith("sk-"):
+                raise ApiError("invalid_api_key")
+        elif token not in self.api_keys:
+            raise ApiError("invalid_api_key")
+
+    def delay_seconds(self, extra_ms: float = 0.0) -> float:
+        config = self.config
+        ms = config.latency_ms + extra_ms
+        if config.latency_jitter_ms:
+            ms += config.latency_jitter_ms * self.rng.random()
+        return ms / 1000.0
+
+    async def delay(self, extra_ms: float = 0.0) -> None:
+        seconds = self.delay_seconds(extra_ms)
+        if seconds > 0:
+            await self.sleeper.sleep(seconds)
+
+
+STATE: web.AppKey[EmulatorState] = web.AppKey("runner_emulator_state", EmulatorState)
