@@ -77,6 +77,8 @@ def _load(job: str, **overrides: Any):
 @click.argument("job", type=click.Path(dir_okay=False))
 @_job_overrides
 @click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed.")
+@click.option("--rpm", type=float, help="Requests per minute allowed per model (overrides [run] rpm).")
+@click.option("--tpm", type=float, help="Tokens per minute allowed per model (overrides [run] tpm).")
 @click.option("--overwrite", is_flag=True, help="Replace an output file left by a finished run.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run's committed rows and start over.")
 @click.option("--retry-failed", type=click.Choice(["transient", "all", "none"]), default="transient",
@@ -167,18 +169,45 @@ def summary(output: str, as_json: bool) -> int:
               help="Inject a fault into this fraction of attempts, e.g. --fault 429=0.1 --fault 500=0.05.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the deterministic fault draw.")
 @click.option("--retry-after", type=float, help="Send Retry-After with 429s (the real API sends none).")
+@click.option("--stream-chunks", default=8, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Cut each streamed answer (reasoning, then content) into at most N frames.")
+@click.option("--chunk-delay-ms", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="MS",
+              help="Pause between stream frames.")
+@click.option("--native-stream-errors", default="200", show_default=True, type=click.Choice(["200", "4xx"]),
+              help="How a native stream reports an error before its first frame: HTTP 200 with an "
+                   "event:error frame, or the real 4xx status with an SSE-framed body.")
+@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="Requests per minute per model, enforced per second (RPM/60 per second). Default: no limit.")
+@click.option("--tpm", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="Tokens (input + output) per minute per model, enforced per second. Default: no limit.")
+@click.option("--limit", "limits", multiple=True, metavar="MODEL=RPM:TPM",
+              help="Per-model override of --rpm/--tpm, e.g. --limit qwen-max=120:100000; an empty side "
+                   "keeps the global value, inf lifts it.")
+@click.option("--burst-factor", type=click.FloatRange(min=1), metavar="F",
+              help="Answer Throttling.BurstRate when a model's requests in the last second exceed F times "
+                   "those of the second before (floor: RPS/10). Default: off.")
 @_funnel
 def emulator(host: str, port: int, latency_ms: float, jitter_ms: float, faults: tuple[str, ...], seed: int,
-             retry_after: float | None) -> int:
+             retry_after: float | None, stream_chunks: int, chunk_delay_ms: float, native_stream_errors: str,
+             rpm: float | None, tpm: float | None, limits: tuple[str, ...], burst_factor: float | None) -> int:
     """Serve a local stand-in for DashScope (both dialects) for rehearsals, tests and benchmarks."""
-    from .emulator import EmulatorConfig, parse_fault_spec, run_forever
+    from .emulator import EmulatorConfig, FaultRates, parse_fault_spec, parse_limit_spec, run_forever
 
     try:
-        parsed = dict(parse_fault_spec(text) for text in faults)
-        config = EmulatorConfig(latency_ms=latency_ms, latency_jitter_ms=jitter_ms, faults=parsed, seed=seed,
-                                retry_after=retry_after)
+        parsed = FaultRates(dict(parse_fault_spec(text) for text in faults))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fault") from None
+    try:
+        per_model = dict(parse_limit_spec(text) for text in limits)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--limit") from None
+    try:
+        config = EmulatorConfig(latency_ms=latency_ms, latency_jitter_ms=jitter_ms, faults=parsed, seed=seed,
+                                retry_after=retry_after, stream_chunks=stream_chunks, chunk_delay_ms=chunk_delay_ms,
+                                native_stream_error_status=native_stream_errors, rpm=rpm, tpm=tpm,
+                                limits=per_model, burst_factor=burst_factor)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     run_forever(config, host, port)
     return EXIT_OK
 

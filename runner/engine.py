@@ -23,13 +23,15 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from .clients import ChatClient
 from .clients.stream_rules import StreamPolicy
 from .endpoints import ApiKey, base_url, resolve_api_key
-from .errors import Interrupted, RunnerError
+from .errors import CallError, Interrupted, RunnerError, Throttled
 from .limits import RetryPolicy, call_with_retries
-from .records import STATUS_ERROR, STATUS_OK, Request, Result, result_schema
+from .ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
+from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, result_schema
 from .report import RunSummary, summarize_file
 from .sink import DoneRows, ParquetSink
 from .sources import RequestSource, open_source
 from .spec import JobSpec
+from .tokens import estimate_prompt_tokens, output_reserve
 
 ResultCallback = Callable[[Result], None]
 StartCallback = Callable[[int | None, int], None]
@@ -101,6 +103,7 @@ class _Stop:
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.signal_name: str | None = None
+        self.error: RunnerError | None = None
         self.produce_scope = anyio.CancelScope()
         self.work_scope: anyio.CancelScope | None = None
 
@@ -112,6 +115,14 @@ class _Stop:
         self.signal_name = signal_name
         self.event.set()
         self.produce_scope.cancel()
+
+    def fail(self, error: RunnerError) -> None:
+        """A run-level error (bad key, no money, retry budget): stop taking rows, let requests in flight
+        finish and be committed, then raise it."""
+        if self.error is None:
+            self.error = error
+        if not self.requested:
+            self.request(type(error).__name__)
 
     def now(self) -> None:
         if self.work_scope is not None:
@@ -136,35 +147,85 @@ async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop:
                     await requests.send(request)
 
 
-async def _work(client: ChatClient, policy: RetryPolicy, sleep, stop: _Stop, requests: ObjectReceiveStream[Request],
-                results: ObjectSendStream[Result]) -> None:
-    async def retry_sleep(seconds: float) -> None:
-        if stop.requested:
-            raise _Stopping
-        await sleep(seconds)
-        if stop.requested:
-            raise _Stopping
+@dataclass
+class _Lane:
+    """What every worker shares: the client, the retry policy, the limiter and the stop control."""
 
+    client: ChatClient
+    policy: RetryPolicy
+    sleep: Callable[[float], Awaitable[None]]
+    stop: _Stop
+    limiter: LocalRateLimiter
+    budget: RetryBudget
+    expected_output_tokens: int | None
+
+
+async def _send(lane: _Lane, request: Request):
+    """One row through the limiter and the retry loop; the token reservation is settled with the real usage."""
+    reserve = estimate_prompt_tokens(request.messages) + output_reserve(request.params, lane.expected_output_tokens)
+    last_error = ""
+    sent_at = 0.0
+
+    async def before_attempt(number: int) -> None:
+        nonlocal sent_at
+        if lane.stop.requested:
+            raise _Stopping
+        if number == 1:
+            lane.budget.first_attempt()
+        else:
+            lane.budget.retry(last_error)
+        sent_at = await lane.limiter.acquire(request.model, reserve)
+
+    async def attempt(req: Request) -> Completion:
+        nonlocal last_error
+        try:
+            completion = await lane.client.complete(req)
+        except CallError as error:
+            lane.limiter.settle(req.model, -reserve)
+            if isinstance(error, Throttled):
+                lane.limiter.report_throttled(req.model, error.code, error.retry_after, sent_at)
+            last_error = f"{error.error_type} {error.code or ''}: {error.message}"[:300]
+            raise
+        except BaseException:
+            lane.limiter.settle(req.model, -reserve)
+            raise
+        used = completion.usage.total_tokens
+        lane.limiter.settle(req.model, used - reserve if used is not None else 0)
+        lane.limiter.report_success(req.model)
+        return completion
+
+    async def retry_sleep(seconds: float) -> None:
+        if lane.stop.requested:
+            raise _Stopping
+        await lane.sleep(seconds)
+
+    return await call_with_retries(attempt, request, lane.policy, sleep=retry_sleep, before_attempt=before_attempt)
+
+
+async def _work(lane: _Lane, requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:
     async with requests, results:
         async for request in requests:
-            if stop.requested:
+            if lane.stop.requested:
                 return  # queued rows are not started once the run is stopping
             started_at = _now()
             try:
-                outcome = await call_with_retries(client.complete, request, policy, sleep=retry_sleep)
+                outcome = await _send(lane, request)
             except _Stopping:
+                continue
+            except RunnerError as error:
+                lane.stop.fail(error)  # this row is not written: the rerun sends it
                 continue
             result = (_ok_result if outcome.completion is not None else _error_result)(request, outcome, started_at)
             await results.send(result)
 
 
-async def _run_workers(count: int, client: ChatClient, policy: RetryPolicy, sleep, stop: _Stop,
-                       requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:
+async def _run_workers(count: int, lane: _Lane, requests: ObjectReceiveStream[Request],
+                       results: ObjectSendStream[Result]) -> None:
     async with requests, results:
         async with anyio.create_task_group() as workers:
-            stop.work_scope = workers.cancel_scope
+            lane.stop.work_scope = workers.cancel_scope
             for _ in range(count):
-                workers.start_soon(_work, client, policy, sleep, stop, requests.clone(), results.clone())
+                workers.start_soon(_work, lane, requests.clone(), results.clone())
 
 
 async def _watch_signals(stop: _Stop, drain_seconds: float, on_notice: NoticeCallback | None) -> None:
@@ -224,6 +285,11 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     concurrency = spec.run.concurrency
     counts = _Counts()
     stop = _Stop()
+    limiter = LocalRateLimiter(
+        limits_table(Limits(spec.run.rpm, spec.run.tpm), {m: Limits(*v) for m, v in spec.run.limits.items()}),
+        adaptive=spec.run.adaptive_rate, cooldown_seconds=spec.run.cooldown_seconds,
+        cooldown_max=spec.run.retry_after_max)
+    budget = RetryBudget(spec.run.retry_budget, time.monotonic)
     started = time.perf_counter()
     finished = False
     try:
@@ -239,13 +305,20 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
                     if handle_signals:
                         tg.start_soon(_watch_signals, stop, spec.run.drain_seconds, on_notice)
                     tg.start_soon(_produce, source, sink.done, counts, stop, req_send, res_send.clone())
-                    tg.start_soon(_run_workers, concurrency, client, policy, sleep, stop, req_recv, res_send)
+                    lane = _Lane(client, policy, sleep, stop, limiter, budget, spec.run.expected_output_tokens)
+                    tg.start_soon(_run_workers, concurrency, lane, req_recv, res_send)
                     await _write_results(res_recv, sink, summary, on_result)
                     tg.cancel_scope.cancel()  # the signal watcher, which never ends by itself
             except BaseExceptionGroup as group:
                 raise _first_runner_error(group) from None
         summary.wall_seconds = time.perf_counter() - started
         summary.changed_rows = counts.changed
+        summary.throttled = limiter.throttled_by_code
+        summary.paused_seconds = limiter.gate.paused_seconds
+        if stop.error is not None:
+            sink.close()
+            finished = True
+            raise stop.error
         if stop.requested:
             sink.close()
             finished = True
@@ -282,6 +355,7 @@ def _final_summary(spec: JobSpec, run: RunSummary) -> RunSummary:
     table = summarize_file(spec.output.path) if run.skipped_done else run
     table.wall_seconds = run.wall_seconds if not run.skipped_done else None
     table.skipped_done = run.skipped_done
+    table.throttled, table.paused_seconds = run.throttled, run.paused_seconds
     table.output = str(spec.output.path)
     data = table.to_dict()
     data["this_run"] = {"rows": run.rows, "requests_sent": run.attempts, "changed_rows_resent": run.changed_rows,

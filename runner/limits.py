@@ -59,10 +59,12 @@ class Outcome:
 
 async def call_with_retries(call: Callable[[Request], Awaitable[Completion]], request: Request,
                             policy: RetryPolicy, *, sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-                            clock: Callable[[], float] = time.perf_counter) -> Outcome:
+                            clock: Callable[[], float] = time.perf_counter,
+                            before_attempt: Callable[[int], Awaitable[None]] | None = None) -> Outcome:
     """Run `call(request)` until it succeeds, fails for good, or runs out of attempts.
 
-    RunnerErrors raised by `call` are not caught: they stop the run.
+    `before_attempt(n)` runs before attempt n outside its deadline (waiting for the rate limiter is not
+    the endpoint being slow). RunnerErrors raised by either are not caught: they stop the run.
     """
     latency_ms: float | None = None
     retrying = AsyncRetrying(stop=stop_after_attempt(policy.max_attempts), wait=policy.wait_seconds,
@@ -70,6 +72,8 @@ async def call_with_retries(call: Callable[[Request], Awaitable[Completion]], re
     try:
         async for attempt in retrying:
             with attempt:
+                if before_attempt is not None:
+                    await before_attempt(attempt.retry_state.attempt_number)
                 started = clock()
                 try:
                     with anyio.fail_after(policy.attempt_timeout):

@@ -21,6 +21,8 @@ class RunSummary:
     failed: int = 0
     skipped_done: int = 0          # rows already done by an earlier run (resume)
     changed_rows: int = 0          # rows done earlier whose request changed since: sent again
+    throttled: Counter = field(default_factory=Counter)     # 429 answers (attempts, not rows) by code
+    paused_seconds: float = 0.0    # time the cool-down gate held every send
     attempts: int = 0              # requests sent, retries included
     errors: Counter = field(default_factory=Counter)        # (error_type, error_code) -> rows
     finish_reasons: Counter = field(default_factory=Counter)
@@ -89,7 +91,10 @@ class RunSummary:
             "tokens": {"input": self.input_tokens, "output": self.output_tokens, "total": self.total_tokens,
                        "cached": self.cached_tokens, "reasoning": self.reasoning_tokens},
             "latency_ms": {k: (round(v, 1) if v is not None else None) for k, v in self.latency_percentiles().items()},
+            "throttled": dict(self.throttled.most_common()),
+            "paused_seconds": round(self.paused_seconds, 2),
             "wall_seconds": round(span, 3) if span else None,
+            "requests_per_second": round(self.attempts / span, 2) if span else None,
             "rows_per_second": round(self.rows / span, 2) if span else None,
             "tokens_per_second": round(self.total_tokens / span, 1) if span else None,
         }
@@ -107,8 +112,11 @@ class RunSummary:
             "latency    " + "  ".join(f"{k} {_ms(v)}" for k, v in lat.items()),
         ]
         if d["wall_seconds"]:
-            lines.append(f"throughput {d['rows_per_second']:,} rows/s  {d['tokens_per_second']:,} tokens/s  "
-                         f"over {d['wall_seconds']:,} s")
+            lines.append(f"throughput {d['rows_per_second']:,} rows/s  {d['requests_per_second']:,} requests/s  "
+                         f"{d['tokens_per_second']:,} tokens/s  over {d['wall_seconds']:,} s")
+        if self.throttled:
+            lines.append("throttled  " + "  ".join(f"{code} {n:,}" for code, n in self.throttled.most_common())
+                         + f"  (paused {self.paused_seconds:,.1f} s)")
         for err in d["errors"][:10]:
             lines.append(f"error      {err['rows']:,} x {err['error_type']}" + (f" {err['error_code']}" if err["error_code"] else ""))
         if len(d["errors"]) > 10:

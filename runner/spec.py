@@ -82,6 +82,13 @@ class RunSpec:
     part_rows: int = 1000
     part_seconds: float = 5.0
     drain_seconds: float = 30.0
+    rpm: float | None = None
+    tpm: float | None = None
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=lambda: MappingProxyType({}))
+    adaptive_rate: bool = True
+    expected_output_tokens: int | None = None
+    cooldown_seconds: float = 0.25
+    retry_budget: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class JobSpec:
         """A copy with CLI values applied; keys whose value is None were not given and change nothing."""
         spec = self
         sections = {"concurrency": "run", "limit": "run", "max_error_rate": "run", "max_attempts": "run",
+                    "rpm": "run", "tpm": "run",
                     "base_url": "endpoint", "dialect": "endpoint", "api_key_env": "endpoint"}
         for name, value in given.items():
             if value is None:
@@ -130,6 +138,8 @@ class JobSpec:
 
 def _check_override(name: str, value: Any) -> None:
     where = f"--{name.replace('_', '-')}"
+    if name in ("rpm", "tpm") and value <= 0:
+        raise SpecError(f"{where}: expected a number > 0, got {value}")
     if name in ("concurrency", "max_attempts") and value < 1:
         raise SpecError(f"{where}: expected an integer >= 1, got {value}")
     if name == "limit" and value < 0:
@@ -179,7 +189,9 @@ _SECTIONS: dict[str, dict[str, str]] = {
               "stream_only_models": "a list of strings"},
     "run": {"concurrency": _INT, "max_attempts": _INT, "backoff_initial": _NUM, "backoff_max": _NUM,
             "retry_after_max": _NUM, "max_error_rate": _NUM, "limit": _INT, "part_rows": _INT,
-            "part_seconds": _NUM, "drain_seconds": _NUM},
+            "part_seconds": _NUM, "drain_seconds": _NUM, "rpm": _NUM, "tpm": _NUM, "limits": "a table",
+            "adaptive_rate": _BOOL, "expected_output_tokens": _INT, "cooldown_seconds": _NUM,
+            "retry_budget": _NUM},
     "output": {"path": _STR},
 }
 
@@ -342,6 +354,12 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         part_rows=positive("run", "part_rows", 1000),
         part_seconds=float(positive("run", "part_seconds", 5.0)),
         drain_seconds=float(positive("run", "drain_seconds", 30.0, allow_zero=True)),
+        rpm=positive("run", "rpm", None), tpm=positive("run", "tpm", None),
+        limits=MappingProxyType(_model_limits(get("run", "limits", {}), fail)),
+        adaptive_rate=get("run", "adaptive_rate", True),
+        expected_output_tokens=positive("run", "expected_output_tokens", None),
+        cooldown_seconds=float(positive("run", "cooldown_seconds", 0.25, allow_zero=True)),
+        retry_budget=float(positive("run", "retry_budget", 1.0)),
     )
     if run.max_error_rate > 1:
         _raise(fail("run", "max_error_rate", f"expected a number from 0 to 1, got {run.max_error_rate}"))
@@ -349,6 +367,20 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
     # [output]
     output = OutputSpec(_parquet_path(_join(base, require("output", "path"))))
     return JobSpec(source=source, input=inp, endpoint=endpoint, model=model, run=run, output=output)
+
+
+def _model_limits(table: Mapping[str, Any], fail) -> dict[str, tuple[float | None, float | None]]:
+    """[run.limits] "model" = { rpm = .., tpm = .. } -> {model: (rpm, tpm)}."""
+    limits = {}
+    for model, value in table.items():
+        if not isinstance(value, dict) or not value or set(value) - {"rpm", "tpm"}:
+            _raise(fail("run", f"limits.{model}", "expected a table with rpm and/or tpm, e.g. "
+                        '"qwen-max" = { rpm = 600, tpm = 1000000 }'))
+        for key, number in value.items():
+            if not _type_ok(_NUM, number) or number <= 0:
+                _raise(fail("run", f"limits.{model}.{key}", f"expected a number > 0, got {_describe(number)}"))
+        limits[model] = (value.get("rpm"), value.get("tpm"))
+    return limits
 
 
 def _parquet_path(path: Path) -> Path:
