@@ -6,6 +6,7 @@ Heavy modules (pyarrow, httpx, the engine) are imported inside the commands so `
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -218,17 +219,25 @@ class _Progress:
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
         self.bar = None
+        self.limiter = None
         self.ok = self.failed = self.tokens = self.requests = 0
         self._started = time.monotonic()
         self._last_postfix = 0.0
 
-    def start(self, total: int | None, done: int) -> None:
+    def start(self, total: int | None, done: int, limiter) -> None:
+        self.limiter = limiter
         if not self.enabled:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=done, unit="row", file=sys.stderr, dynamic_ncols=True,
-                        mininterval=0.2, smoothing=0.1)
+        try:
+            sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+        except OSError:
+            sized = False
+        # A terminal that reports no width (some CI consoles, a bare pty) would get a zero-width bar.
+        self.bar = tqdm(total=total, initial=done, unit="row", file=sys.stderr, dynamic_ncols=sized,
+                        ncols=None if sized else 120, nrows=None if sized else 24, mininterval=0.2,
+                        smoothing=0.1)
         self._started = time.monotonic()
 
     def update(self, result) -> None:
@@ -245,8 +254,11 @@ class _Progress:
         if now - self._last_postfix >= 0.5:
             self._last_postfix = now
             elapsed = max(now - self._started, 1e-6)
+            throttled = sum(self.limiter.throttled_by_code.values()) if self.limiter else 0
+            paused = self.limiter.gate.paused_seconds if self.limiter else 0.0
             self.bar.set_postfix_str(f"ok={self.ok:,} failed={self.failed:,} req/s={self.requests / elapsed:,.0f} "
-                                     f"tokens={self.tokens:,}", refresh=False)
+                                     f"tok/s={self.tokens / elapsed:,.0f} 429s={throttled:,} paused={paused:.1f}s",
+                                     refresh=False)
 
     def notice(self, message: str) -> None:
         if self.bar is not None:

@@ -34,7 +34,7 @@ from .spec import JobSpec
 from .tokens import estimate_prompt_tokens, output_reserve
 
 ResultCallback = Callable[[Result], None]
-StartCallback = Callable[[int | None, int], None]
+StartCallback = Callable[[int | None, int, LocalRateLimiter], None]  # total rows, rows already done, live counters
 NoticeCallback = Callable[[str], None]
 
 
@@ -279,8 +279,6 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     if sink.done and on_notice:
         recovered = f" ({sink.recovered_from_journal:,} recovered from the journal)" if sink.recovered_from_journal else ""
         on_notice(f"resuming: {len(sink.done):,} rows already done{recovered}")
-    if on_start is not None:
-        on_start(source.total, len(sink.done))
     policy = RetryPolicy.from_spec(spec)
     concurrency = spec.run.concurrency
     counts = _Counts()
@@ -289,6 +287,8 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
         limits_table(Limits(spec.run.rpm, spec.run.tpm), {m: Limits(*v) for m, v in spec.run.limits.items()}),
         adaptive=spec.run.adaptive_rate, cooldown_seconds=spec.run.cooldown_seconds,
         cooldown_max=spec.run.retry_after_max)
+    if on_start is not None:
+        on_start(source.total, len(sink.done), limiter)
     budget = RetryBudget(spec.run.retry_budget, time.monotonic)
     started = time.perf_counter()
     finished = False

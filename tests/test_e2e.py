@@ -246,3 +246,36 @@ def test_secret_never_leaks(tmp_path, make_emulator):
             texts.append(path.read_bytes().decode("latin-1"))
     assert not [t for t in texts if canary in t]
     assert emu.stats()["requests"] > 100  # the canary key really was sent and accepted
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path, make_emulator):
+    """On a terminal stderr shows a progress bar with rows, ok/failed, rates and 429s; piped, none."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    emu = make_emulator(faults={"429": 0.2})
+    write_prompts(tmp_path / "prompts.jsonl", 100)
+    job = make_job(tmp_path, emu)
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
+    env["DASHSCOPE_API_KEY"] = "sk-test"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    assert "100/100" in text and "row/s" in text and "429s=" in text and "ok=" in text
+    piped = run_cli("run", str(job), "--overwrite")
+    assert "row/s" not in piped.stderr and "rows       100" in piped.stderr
