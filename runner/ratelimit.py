@@ -82,11 +82,15 @@ class TokenBucket:
 
 class AdaptiveRate:
     """A request rate discovered from throttling: slow start, then AIMD (design: TCP congestion control,
-    on a rate rather than a window, since the server limits per second)."""
+    on a rate rather than a window, since the server limits per second).
+
+    Requests are paced by tickets: ticket n may go once the allowance, which advances at the current
+    rate (and after an idle spell holds at most a twentieth of a second's worth), passes n. Waiters
+    re-check at least every `recheck` seconds, so a rate that grows while they wait lets them go sooner."""
 
     def __init__(self, clock: Clock, *, start: float = 10.0, ceiling: float = 10_000.0, increase: float = 0.01,
                  decrease: float = 0.9, burst_decrease: float = 0.7, floor: float = 0.2,
-                 min_cut_interval: float = 1.0) -> None:
+                 min_cut_interval: float = 1.0, recheck: float = 0.1) -> None:
         self._clock = clock
         self.rate = start
         self.ceiling = ceiling
@@ -95,25 +99,52 @@ class AdaptiveRate:
         self.burst_decrease = burst_decrease
         self.floor = floor
         self.min_cut_interval = min_cut_interval
+        self.recheck = recheck
         self.slow_start = True
-        self._grown_at = clock()
+        now = clock()
+        self._grown_at = now
+        self._limited = False
         self._decreased_at = float("-inf")
         self._answers: deque[float] = deque()
-        self.bucket = TokenBucket(start, _burst_capacity(start), clock, tokens=1.0)
+        self._next_ticket = 0
+        self._allowance = 1.0
+        self._advanced_at = now
+
+    def _advance(self, now: float) -> None:
+        horizon = self._next_ticket + _burst_capacity(self.rate)
+        self._allowance = min(self._allowance + (now - self._advanced_at) * self.rate, max(horizon, self._allowance))
+        self._advanced_at = now
+
+    def take_ticket(self) -> int:
+        ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+        return ticket
+
+    def wait_for(self, ticket: int) -> float:
+        """Seconds until `ticket` may go at the current rate (0: now). Grows the rate while requests wait."""
+        now = self._clock()
+        self._advance(now)
+        wait = (ticket + 1 - self._allowance) / self.rate
+        waiting = wait > 1e-6  # float residue must not keep a waiter spinning
+        self.grow(limited=waiting)
+        return wait if waiting else 0.0
+
+    def _set_rate(self, rate: float) -> None:
+        self._advance(self._clock())  # what was allowed so far accrued at the old rate
+        self.rate = rate
 
     def grow(self, limited: bool) -> None:
         """Grow the rate for the time since the last call, but only while the rate is what holds requests
         back (otherwise concurrency is the limit, and growing would only store up a burst)."""
         now = self._clock()
         elapsed, self._grown_at = now - self._grown_at, now
-        if not limited or elapsed <= 0:
+        was_limited, self._limited = self._limited, limited
+        if not (limited or was_limited) or elapsed <= 0:  # an interval that began waiting counts too
             return
         if self.slow_start:
-            self.rate *= 2 ** min(elapsed, 1.0)
+            rate = self.rate * 2 ** min(elapsed, 1.0)
         else:
-            self.rate += max(0.5, self.rate * self.increase) * elapsed
-        self.rate = min(self.rate, self.ceiling)
-        self.bucket.set_rate(self.rate, _burst_capacity(self.rate))
+            rate = self.rate + max(0.5, self.rate * self.increase) * elapsed
+        self._set_rate(min(rate, self.ceiling))
 
     def succeeded(self) -> None:
         """An answer came back: the server admitted it. Answers in the last second estimate the real limit."""
@@ -139,8 +170,7 @@ class AdaptiveRate:
         if len(self._answers) >= 5:
             target = max(min(self.rate * factor, float(len(self._answers))), self.rate * 0.5)
         self.slow_start = False
-        self.rate = max(self.floor, target)
-        self.bucket.set_rate(self.rate, _burst_capacity(self.rate))
+        self._set_rate(max(self.floor, target))
         self._decreased_at = now
         return True
 
@@ -264,12 +294,12 @@ class LocalRateLimiter:
             wait = requests.reserve(1)
         if token_bucket is not None:
             wait = max(wait, token_bucket.reserve(tokens))
-        if adaptive is not None:
-            adaptive_wait = adaptive.bucket.reserve(1)
-            adaptive.grow(limited=adaptive_wait > 0)
-            wait = max(wait, adaptive_wait)
         if wait > 0:
             await self._sleep(wait)
+        if adaptive is not None:
+            ticket = adaptive.take_ticket()
+            while (adaptive_wait := adaptive.wait_for(ticket)) > 0:
+                await self._sleep(min(adaptive_wait, adaptive.recheck))
         return self._clock()
 
     def settle(self, model: str, delta_tokens: int) -> None:

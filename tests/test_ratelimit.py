@@ -84,8 +84,9 @@ def test_adaptive_rate_slow_start_then_aimd():
         clock.now += 1
         rate.grow(limited=True)
     assert rate.rate == pytest.approx(80)
+    rate.grow(limited=False)  # from here on concurrency, not the rate, holds requests back: no growth
     clock.now += 1
-    rate.grow(limited=False)  # concurrency, not the rate, held requests back: no growth
+    rate.grow(limited=False)
     assert rate.rate == pytest.approx(80)
     sent = clock.now - 0.5
     assert rate.throttled(sent, "Throttling.RateQuota") and rate.rate == pytest.approx(40)  # slow start overshot
@@ -166,3 +167,33 @@ def test_token_estimates():
     assert estimate_prompt_tokens([{"role": "user", "content": "a" * 40}, {"role": "system", "content": "b"}]) == 19
     assert output_reserve({"max_tokens": 64}, None) == 64 and output_reserve({}, None) == 512
     assert output_reserve({"max_tokens": 64}, 20) == 20
+
+
+def test_waiters_go_sooner_when_the_rate_grows_while_they_wait():
+    """64 requests queued at 10/s: as slow start doubles the rate each second, the last one's wait
+    shrinks faster than time passes (a fixed sleep computed at 10/s would take 6.4 s)."""
+    clock = FakeClock()
+    rate = AdaptiveRate(clock, start=10)
+    tickets = [rate.take_ticket() for _ in range(64)]
+    first_wait = rate.wait_for(tickets[-1])
+    assert first_wait == pytest.approx(6.3, abs=0.05)
+    elapsed = 0.0
+    while rate.wait_for(tickets[-1]) > 0:
+        clock.now += 0.1
+        elapsed += 0.1
+    assert elapsed < 3.5 and rate.rate > 40
+
+
+def test_limiter_acquire_under_adaptive_rate_does_not_stall():
+    """Through the limiter, 200 back-to-back requests at a starting rate of 10/s finish in a few
+    (fake) seconds because the rate doubles while they wait."""
+    clock = FakeClock()
+    limiter = LocalRateLimiter(limits_table(Limits(), {}), clock=clock, sleep=clock.sleep)
+
+    async def send() -> float:
+        start = clock.now
+        for _ in range(200):
+            await limiter.acquire("m", 1)
+        return clock.now - start
+
+    assert anyio.run(send) < 6 and limiter.current_rate("m") > 40

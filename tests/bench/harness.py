@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -12,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"listening on (http://\S+)")
 
 
-def start_emulator(latency_ms: float = 0.0, faults: list[str] | tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """Start the emulator; returns the process and its base URL once it listens."""
-    cmd = [sys.executable, "-m", "runner", "emulator", "--port", "0", "--latency-ms", str(latency_ms)]
+def start_emulator(latency_ms: float = 0.0, faults: list[str] | tuple[str, ...] = (),
+                   *flags: str) -> tuple[subprocess.Popen, str]:
+    """Start the emulator (extra `runner emulator` flags as given); returns the process and its base URL."""
+    cmd = [sys.executable, "-m", "runner", "emulator", "--port", "0", "--latency-ms", str(latency_ms), *flags]
     for spec in faults:
         cmd += ["--fault", spec]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -35,9 +37,18 @@ def stop_emulator(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def write_job(folder: Path, url: str, name: str, *, transport: str = "aiohttp", **run: object) -> Path:
-    """A benchmark job over `folder/prompts.jsonl` against the emulator at `url`; `run` fills [run]."""
-    run_lines = "\n".join(f"{key} = {value}" for key, value in run.items())
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def write_job(folder: Path, url: str, name: str, *, transport: str = "aiohttp", dialect: str = "openai",
+              model: dict | None = None, **run: object) -> Path:
+    """A benchmark job over `folder/prompts.jsonl` against the emulator at `url`; `model` and `run` fill their sections."""
+    root = "/compatible-mode/v1" if dialect == "openai" else "/api/v1"
+    model_lines = "\n".join(f"{key} = {_toml(value)}" for key, value in {"max_tokens": 64, **(model or {})}.items())
+    run_lines = "\n".join(f"{key} = {_toml(value)}" for key, value in run.items())
     job = folder / f"{name}.toml"
     job.write_text(f"""
 [input]
@@ -45,11 +56,12 @@ path = "prompts.jsonl"
 id_column = "id"
 prompt_column = "prompt"
 [endpoint]
-base_url = "{url}/compatible-mode/v1"
+dialect = "{dialect}"
+base_url = "{url}{root}"
 transport = "{transport}"
 [model]
 name = "qwen-plus"
-max_tokens = 64
+{model_lines}
 [run]
 {run_lines}
 [output]
