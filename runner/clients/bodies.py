@@ -6,7 +6,7 @@ import json
 from typing import Any, Mapping
 
 from ..errors import TransientCallError
-from ..records import Usage
+from ..records import Completion, Usage
 
 
 def load_success_json(body: bytes, headers: Mapping[str, str]) -> Any:
@@ -37,3 +37,44 @@ def text_of(content: Any) -> str | None:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return str(content)
+
+
+class StreamText:
+    """What a stream has delivered so far, in either dialect: answer and reasoning pieces, the time to the
+    first of them, and the frames that end it (finish reason, last usage, request id)."""
+
+    __slots__ = ("content", "reasoning", "first_token_ms", "finish_reason", "usage", "request_id", "_sent_at",
+                 "_clock")
+
+    def __init__(self, request_id: str | None, sent_at: float, clock) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.first_token_ms: float | None = None
+        self.finish_reason: str | None = None
+        self.usage: Mapping[str, Any] | None = None
+        self.request_id = request_id
+        self._sent_at = sent_at
+        self._clock = clock
+
+    def add(self, content: str | None, reasoning: str | None) -> None:
+        if reasoning:
+            self.reasoning.append(reasoning)
+        if content:
+            self.content.append(content)
+        if (content or reasoning) and self.first_token_ms is None:
+            self.first_token_ms = (self._clock() - self._sent_at) * 1000
+
+    def malformed(self, detail: str) -> TransientCallError:
+        return TransientCallError(f"malformed stream frame ({detail})", code="malformed_frame", http_status=200,
+                                  request_id=self.request_id)
+
+    def completion(self, complete: bool, *, input_name: str, output_name: str, output_details: str) -> Completion:
+        """The whole answer; a stream that did not reach its final frame is a retryable error, never a success."""
+        if not complete or self.finish_reason is None:
+            raise TransientCallError("the stream ended before its final frame", code="stream_truncated",
+                                     http_status=200, request_id=self.request_id)
+        return Completion(content="".join(self.content), reasoning="".join(self.reasoning) or None,
+                          finish_reason=self.finish_reason,
+                          usage=usage_from(self.usage, input_name=input_name, output_name=output_name,
+                                           output_details=output_details),
+                          request_id=self.request_id, first_token_ms=self.first_token_ms)

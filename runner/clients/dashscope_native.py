@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from ..errors import BadResponse, TransientCallError
+from ..errors import BadResponse
 from ..records import Completion, Request
-from .bodies import load_success_json, text_of, usage_from
+from .bodies import StreamText, load_success_json, text_of, usage_from
 from .classify import AUTH, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
 from .openai_compat import STREAM_KEYS
 from .sse import Event
@@ -78,62 +78,42 @@ class StreamAssembler:
     last (cumulative) frame, complete once a frame has a real finish_reason; `event:error` frames are
     classified with the status from their `:HTTP_STATUS/<n>` comment (400 without one, as the SDK does)."""
 
-    __slots__ = ("request_id", "_content", "_reasoning", "_finish_reason", "_usage", "_sent_at", "_clock",
-                 "first_token_ms", "_headers")
+    __slots__ = ("text", "_headers")
 
     def __init__(self, headers: Mapping[str, str], sent_at: float, clock) -> None:
         self._headers = headers
-        self.request_id = headers.get("x-request-id")
-        self._content: list[str] = []
-        self._reasoning: list[str] = []
-        self._finish_reason: str | None = None
-        self._usage: dict | None = None
-        self._sent_at = sent_at
-        self._clock = clock
-        self.first_token_ms: float | None = None
+        self.text = StreamText(headers.get("x-request-id"), sent_at, clock)
 
     def add(self, event: Event) -> None:
+        text = self.text
         try:
             frame = json.loads(event.data)
         except ValueError as exc:
-            raise TransientCallError(f"malformed stream frame ({exc})", code="malformed_frame",
-                                     http_status=200, request_id=self.request_id) from None
+            raise text.malformed(str(exc)) from None
         if event.event == "error":
             raise error_from(event.status or 400, frame if isinstance(frame, dict) else None, self._headers,
                              error_fields=error_fields, table=CODE_TABLE)
         try:
-            self.request_id = frame.get("request_id") or self.request_id
+            text.request_id = frame.get("request_id") or text.request_id
             output = frame["output"]
             if output.get("choices"):
                 choice = output["choices"][0]
                 message = choice.get("message") or {}
-                content, reasoning = text_of(message.get("content")), message.get("reasoning_content")
+                text.add(text_of(message.get("content")), message.get("reasoning_content"))
             else:  # result_format=text
-                choice, content, reasoning = output, output.get("text"), None
-            if reasoning:
-                self._reasoning.append(reasoning)
-            if content:
-                self._content.append(content)
-            if (reasoning or content) and self.first_token_ms is None:
-                self.first_token_ms = (self._clock() - self._sent_at) * 1000
+                choice = output
+                text.add(output.get("text"), None)
             finish = choice.get("finish_reason")
             if finish and finish != "null":
-                self._finish_reason = finish
+                text.finish_reason = finish
             if frame.get("usage"):
-                self._usage = frame["usage"]
+                text.usage = frame["usage"]
         except (KeyError, IndexError, AttributeError, TypeError) as exc:
-            raise TransientCallError(f"malformed stream frame ({exc!r})", code="malformed_frame",
-                                     http_status=200, request_id=self.request_id) from None
+            raise text.malformed(repr(exc)) from None
 
     def finish(self) -> Completion:
-        if self._finish_reason is None:
-            raise TransientCallError("the stream ended before its final frame", code="stream_truncated",
-                                     http_status=200, request_id=self.request_id)
-        return Completion(content="".join(self._content), reasoning="".join(self._reasoning) or None,
-                          finish_reason=self._finish_reason,
-                          usage=usage_from(self._usage, input_name="input_tokens", output_name="output_tokens",
-                                           output_details="output_tokens_details"),
-                          request_id=self.request_id, first_token_ms=self.first_token_ms)
+        return self.text.completion(True, input_name="input_tokens", output_name="output_tokens",
+                                    output_details="output_tokens_details")
 
 
 def error_fields(data: dict | None) -> tuple[str | None, str, str | None]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from ..errors import BadResponse, TransientCallError
+from ..errors import BadResponse
 from ..records import Completion, Request
-from .bodies import load_success_json, text_of, usage_from
+from .bodies import StreamText, load_success_json, text_of, usage_from
 from .classify import AUTH, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
 from .sse import Event
 
@@ -69,60 +69,39 @@ class StreamAssembler:
     """Builds one Completion from `data:` chunks (facts 2.4): deltas joined, usage from the last chunk,
     complete only once a finish_reason and `[DONE]` have both arrived."""
 
-    __slots__ = ("request_id", "_content", "_reasoning", "_finish_reason", "_usage", "_done", "_sent_at", "_clock",
-                 "first_token_ms", "_headers")
+    __slots__ = ("text", "_done", "_headers")
 
     def __init__(self, headers: Mapping[str, str], sent_at: float, clock) -> None:
         self._headers = headers
-        self.request_id = headers.get("x-request-id")
-        self._content: list[str] = []
-        self._reasoning: list[str] = []
-        self._finish_reason: str | None = None
-        self._usage: dict | None = None
+        self.text = StreamText(headers.get("x-request-id"), sent_at, clock)
         self._done = False
-        self._sent_at = sent_at
-        self._clock = clock
-        self.first_token_ms: float | None = None
 
     def add(self, event: Event) -> None:
-        data = event.data
-        if data == b"[DONE]":
+        if event.data == b"[DONE]":
             self._done = True
             return
+        text = self.text
         try:
-            chunk = json.loads(data)
+            chunk = json.loads(event.data)
             if chunk.get("error") is not None:
                 # An in-band error (moderation, quota): classified like an error answer; unknown codes retried.
                 raise error_from(event.status or 500, chunk, self._headers, error_fields=error_fields,
                                  table=CODE_TABLE)
-            if self.request_id is None:
-                self.request_id = _request_id_from_body(chunk)
+            if text.request_id is None:
+                text.request_id = _request_id_from_body(chunk)
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
-                reasoning, content = delta.get("reasoning_content"), delta.get("content")
-                if reasoning:
-                    self._reasoning.append(reasoning)
-                if content:
-                    self._content.append(text_of(content))
-                if (reasoning or content) and self.first_token_ms is None:
-                    self.first_token_ms = (self._clock() - self._sent_at) * 1000
+                text.add(text_of(delta.get("content")), delta.get("reasoning_content"))
                 if choice.get("finish_reason"):
-                    self._finish_reason = choice["finish_reason"]
+                    text.finish_reason = choice["finish_reason"]
             if chunk.get("usage"):
-                self._usage = chunk["usage"]
+                text.usage = chunk["usage"]
         except (ValueError, AttributeError, TypeError) as exc:
-            raise TransientCallError(f"malformed stream frame ({exc})", code="malformed_frame",
-                                     http_status=200, request_id=self.request_id) from None
+            raise text.malformed(str(exc)) from None
 
     def finish(self) -> Completion:
-        if not self._done or self._finish_reason is None:
-            raise TransientCallError("the stream ended before its final frame", code="stream_truncated",
-                                     http_status=200, request_id=self.request_id)
-        return Completion(content="".join(self._content), reasoning="".join(self._reasoning) or None,
-                          finish_reason=self._finish_reason,
-                          usage=usage_from(self._usage, input_name="prompt_tokens", output_name="completion_tokens",
-                                           output_details="completion_tokens_details"),
-                          request_id=self.request_id, first_token_ms=self.first_token_ms)
+        return self.text.completion(self._done, input_name="prompt_tokens", output_name="completion_tokens",
+                                    output_details="completion_tokens_details")
 
 
 def error_fields(data: dict | None) -> tuple[str | None, str, str | None]:

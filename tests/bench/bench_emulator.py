@@ -28,29 +28,19 @@ from pathlib import Path
 import aiohttp
 
 try:
-    from tests.bench.harness import READY, ROOT, stop_emulator
+    from tests.bench.harness import start_emulator, stop_emulator
 except ImportError:  # run as a script: python tests/bench/bench_emulator.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.bench.harness import READY, ROOT, stop_emulator
+    from tests.bench.harness import start_emulator, stop_emulator
 
 HEADERS = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
 SSE_HEADERS = {"X-DashScope-SSE": "enable"}
 
 
-def start_emulator(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    """harness.start_emulator plus the stream flags; returns the process and its base URL."""
-    cmd = [sys.executable, "-m", "runner", "emulator", "--port", "0",
-           "--latency-ms", str(args.latency_ms), "--stream-chunks", str(args.stream_chunks),
-           "--chunk-delay-ms", str(args.chunk_delay_ms)]
-    for spec in args.fault:
-        cmd += ["--fault", spec]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()  # the emulator prints one line once it listens
-    match = READY.search(line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"emulator did not start: {line!r}{proc.stderr.read()}")
-    return proc, match.group(1)
+def start_emulator_for(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """The harness's emulator with this benchmark's stream flags."""
+    return start_emulator(args.latency_ms, args.fault, "--stream-chunks", str(args.stream_chunks),
+                          "--chunk-delay-ms", str(args.chunk_delay_ms))
 
 
 def bodies(dialect: str, count: int, tag: str = "", stream: bool = False) -> list[bytes]:
@@ -194,7 +184,7 @@ def main() -> None:
     parser.add_argument("--stream-chunks", type=int, default=8)
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
     args = parser.parse_args()
-    proc, base = start_emulator(args)
+    proc, base = start_emulator_for(args)
     try:
         asyncio.run(bench(args, base, proc.pid))
     finally:

@@ -51,7 +51,7 @@ def run(job: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def kill_loop(folder: Path, url: str, args, rng: random.Random) -> dict:
-    job = write_job(folder, url, "killed", concurrency=args.concurrency)
+    job = write_job(folder, url, "killed", concurrency=args.concurrency, adaptive_rate=False)
     output = folder / "killed.parquet"
     kills = jobs = lost = duplicates = 0
     while kills < args.kills:
@@ -85,7 +85,8 @@ def kill_loop(folder: Path, url: str, args, rng: random.Random) -> dict:
 def checkpoint_overhead(folder: Path, url: str, args) -> dict:
     """Best of `repeats` clean runs for each commit interval, alternating so drift hits both alike."""
     variants = {"default_commits": (1000, 5.0), "one_commit": (10**9, 10**6)}
-    jobs = {name: write_job(folder, url, name, concurrency=args.concurrency, part_rows=rows, part_seconds=seconds)
+    jobs = {name: write_job(folder, url, name, concurrency=args.concurrency, part_rows=rows, part_seconds=seconds,
+                            adaptive_rate=False)
             for name, (rows, seconds) in variants.items()}
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):

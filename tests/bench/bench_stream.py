@@ -86,7 +86,7 @@ def end_to_end(rows: int, chunks: int) -> list[dict]:
                 for stream in (False, True):
                     name = f"{dialect}-{'stream' if stream else 'plain'}"
                     job = write_job(folder, url, name, dialect=dialect, model={"max_tokens": 512, "stream": stream},
-                                    concurrency=256)
+                                    concurrency=256, adaptive_rate=False)
                     before = resource.getrusage(resource.RUSAGE_CHILDREN)
                     run = subprocess.run([sys.executable, "-m", "runner", "run", str(job), "--quiet", "--overwrite"],
                                          cwd=ROOT, env={**os.environ, "DASHSCOPE_API_KEY": "sk-bench"},

@@ -40,7 +40,7 @@ def write_input(folder: Path, rows: int) -> Path:
 
 def run_once(folder: Path, url: str, transport: str, concurrency: int, rows: int) -> dict:
     name = f"out-{transport}-{concurrency}"
-    job = write_job(folder, url, name, transport=transport, concurrency=concurrency)
+    job = write_job(folder, url, name, transport=transport, concurrency=concurrency, adaptive_rate=False)
     out = folder / f"{name}.parquet"
     env = {**os.environ, "DASHSCOPE_API_KEY": "sk-bench"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -45,7 +45,9 @@ def _toml(value: object) -> str:
 
 def write_job(folder: Path, url: str, name: str, *, transport: str = "aiohttp", dialect: str = "openai",
               model: dict | None = None, **run: object) -> Path:
-    """A benchmark job over `folder/prompts.jsonl` against the emulator at `url`; `model` and `run` fill their sections."""
+    """A benchmark job over `folder/prompts.jsonl` against the emulator at `url`; `model` and `run` fill their sections.
+    Throughput benchmarks pass adaptive_rate=False: against an unlimited emulator the default slow start
+    (from 10 requests/s) would be measured instead of the client."""
     root = "/compatible-mode/v1" if dialect == "openai" else "/api/v1"
     model_lines = "\n".join(f"{key} = {_toml(value)}" for key, value in {"max_tokens": 64, **(model or {})}.items())
     run_lines = "\n".join(f"{key} = {_toml(value)}" for key, value in run.items())
