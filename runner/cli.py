@@ -78,6 +78,8 @@ def _load(job: str, **overrides: Any):
 @click.argument("job", type=click.Path(dir_okay=False))
 @_job_overrides
 @click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed.")
+@click.option("--max-cost", type=float, help="Hard budget in the price table's currency (overrides [run] max_cost).")
+@click.option("--dry-run", is_flag=True, help="Render every request into <output>.requests.jsonl (no key) and send nothing.")
 @click.option("--rpm", type=float, help="Requests per minute allowed per model (overrides [run] rpm).")
 @click.option("--tpm", type=float, help="Tokens per minute allowed per model (overrides [run] tpm).")
 @click.option("--overwrite", is_flag=True, help="Replace an output file left by a finished run.")
@@ -90,13 +92,21 @@ def _load(job: str, **overrides: Any):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @_funnel
 def run(job: str, overwrite: bool, restart: bool, retry_failed: str, use_emulator: bool, quiet: bool,
-        **overrides: Any) -> int:
+        dry_run: bool, **overrides: Any) -> int:
     """Send every row of JOB and write the results to Parquet (resumes an unfinished run)."""
     import anyio
 
     from .engine import run_job
 
     spec = _load(job, **overrides)
+    if dry_run:
+        from .validate import validate_job, write_dry_run
+
+        path, count = write_dry_run(spec)
+        if not quiet:
+            click.echo(validate_job(spec, show=5).render(), err=True)
+        click.echo(f"dry run: {count:,} request bodies written to {path}; nothing was sent", err=True)
+        return EXIT_OK
     emulator = None
     api_key = None
     if use_emulator:
@@ -221,6 +231,7 @@ class _Progress:
         self.bar = None
         self.limiter = None
         self.ok = self.failed = self.tokens = self.requests = 0
+        self.cost = 0.0
         self._started = time.monotonic()
         self._last_postfix = 0.0
 
@@ -249,6 +260,7 @@ class _Progress:
             self.failed += 1
         self.requests += result.attempts
         self.tokens += result.usage.total_tokens or 0
+        self.cost += result.cost or 0.0
         self.bar.update(1)
         now = time.monotonic()
         if now - self._last_postfix >= 0.5:
@@ -257,7 +269,8 @@ class _Progress:
             throttled = sum(self.limiter.throttled_by_code.values()) if self.limiter else 0
             paused = self.limiter.gate.paused_seconds if self.limiter else 0.0
             self.bar.set_postfix_str(f"ok={self.ok:,} failed={self.failed:,} req/s={self.requests / elapsed:,.0f} "
-                                     f"tok/s={self.tokens / elapsed:,.0f} 429s={throttled:,} paused={paused:.1f}s",
+                                     f"tok/s={self.tokens / elapsed:,.0f} 429s={throttled:,} paused={paused:.1f}s "
+                                     f"cost={self.cost:,.4f}",
                                      refresh=False)
 
     def notice(self, message: str) -> None:

@@ -25,6 +25,7 @@ from .clients.stream_rules import StreamPolicy
 from .endpoints import ApiKey, base_url, resolve_api_key
 from .errors import CallError, Interrupted, RunnerError, Throttled
 from .limits import RetryPolicy, call_with_retries
+from .cost import CostBudget, NoPrice, PriceBook
 from .ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
 from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, result_schema
 from .report import RunSummary, summarize_file
@@ -58,18 +59,18 @@ def job_fingerprint(spec: JobSpec) -> dict[str, str]:
     }
 
 
-def _ok_result(request: Request, outcome, started_at: datetime) -> Result:
+def _ok_result(request: Request, outcome, started_at: datetime, cost: float | None) -> Result:
     completion = outcome.completion
     return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_OK, kept=request.kept,
                   response=completion.content, reasoning=completion.reasoning,
-                  finish_reason=completion.finish_reason, usage=completion.usage,
+                  finish_reason=completion.finish_reason, usage=completion.usage, cost=cost,
                   request_id=completion.request_id, http_status=completion.http_status,
                   attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
                   time_to_first_token_ms=completion.first_token_ms,
                   started_at=started_at, finished_at=_now(), request_hash=request.digest())
 
 
-def _error_result(request: Request, outcome, started_at: datetime) -> Result:
+def _error_result(request: Request, outcome, started_at: datetime, cost: None = None) -> Result:
     error = outcome.error
     return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR,
                   kept=request.kept, request_id=error.request_id, error_type=error.error_type,
@@ -158,11 +159,14 @@ class _Lane:
     limiter: LocalRateLimiter
     budget: RetryBudget
     expected_output_tokens: int | None
+    prices: PriceBook
+    spend: CostBudget | None
 
 
 async def _send(lane: _Lane, request: Request):
     """One row through the limiter and the retry loop; the token reservation is settled with the real usage."""
     reserve = estimate_prompt_tokens(request.messages) + output_reserve(request.params, lane.expected_output_tokens)
+    worst_cost = lane.prices.worst_case(request) if lane.spend is not None else 0.0
     last_error = ""
     sent_at = 0.0
 
@@ -175,11 +179,15 @@ async def _send(lane: _Lane, request: Request):
         else:
             lane.budget.retry(last_error)
         sent_at = await lane.limiter.acquire(request.model, reserve)
+        if lane.spend is not None:
+            await lane.spend.reserve(worst_cost)  # released or replaced by the real cost in attempt()
 
     async def attempt(req: Request) -> Completion:
         nonlocal last_error
+        cost = None
         try:
             completion = await lane.client.complete(req)
+            cost = lane.prices.row_cost(req, completion.usage)
         except CallError as error:
             lane.limiter.settle(req.model, -reserve)
             if isinstance(error, Throttled):
@@ -189,6 +197,9 @@ async def _send(lane: _Lane, request: Request):
         except BaseException:
             lane.limiter.settle(req.model, -reserve)
             raise
+        finally:
+            if lane.spend is not None:
+                lane.spend.settle(worst_cost, cost)
         used = completion.usage.total_tokens
         lane.limiter.settle(req.model, used - reserve if used is not None else 0)
         lane.limiter.report_success(req.model)
@@ -215,7 +226,10 @@ async def _work(lane: _Lane, requests: ObjectReceiveStream[Request], results: Ob
             except RunnerError as error:
                 lane.stop.fail(error)  # this row is not written: the rerun sends it
                 continue
-            result = (_ok_result if outcome.completion is not None else _error_result)(request, outcome, started_at)
+            if outcome.completion is not None:
+                result = _ok_result(request, outcome, started_at, lane.prices.row_cost(request, outcome.completion.usage))
+            else:
+                result = _error_result(request, outcome, started_at)
             await results.send(result)
 
 
@@ -275,7 +289,17 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     sink = ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
                        part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds,
                        overwrite=overwrite, restart=restart, retry_failed=retry_failed)
-    summary = RunSummary(output=str(spec.output.path), skipped_done=len(sink.done))
+    prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices)
+    spend = None
+    if spec.run.max_cost is not None:
+        if prices.price(spec.model.name) is None:
+            sink.close()
+            raise NoPrice(f"no price for model {spec.model.name!r} in {prices.region}, so [run] max_cost cannot be "
+                          "guaranteed", hint="set [model] price_input and price_output (per 1M tokens)")
+        spend = CostBudget(spec.run.max_cost, prices.currency)
+        spend.spent = sink.done_cost
+    summary = RunSummary(output=str(spec.output.path), skipped_done=len(sink.done), currency=prices.currency,
+                         total_rows=source.total)
     if sink.done and on_notice:
         recovered = f" ({sink.recovered_from_journal:,} recovered from the journal)" if sink.recovered_from_journal else ""
         on_notice(f"resuming: {len(sink.done):,} rows already done{recovered}")
@@ -305,7 +329,8 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
                     if handle_signals:
                         tg.start_soon(_watch_signals, stop, spec.run.drain_seconds, on_notice)
                     tg.start_soon(_produce, source, sink.done, counts, stop, req_send, res_send.clone())
-                    lane = _Lane(client, policy, sleep, stop, limiter, budget, spec.run.expected_output_tokens)
+                    lane = _Lane(client, policy, sleep, stop, limiter, budget, spec.run.expected_output_tokens,
+                                 prices, spend)
                     tg.start_soon(_run_workers, concurrency, lane, req_recv, res_send)
                     await _write_results(res_recv, sink, summary, on_result)
                     tg.cancel_scope.cancel()  # the signal watcher, which never ends by itself
@@ -356,6 +381,7 @@ def _final_summary(spec: JobSpec, run: RunSummary) -> RunSummary:
     table.wall_seconds = run.wall_seconds if not run.skipped_done else None
     table.skipped_done = run.skipped_done
     table.throttled, table.paused_seconds = run.throttled, run.paused_seconds
+    table.currency, table.total_rows = run.currency, run.total_rows
     table.output = str(spec.output.path)
     data = table.to_dict()
     data["this_run"] = {"rows": run.rows, "requests_sent": run.attempts, "changed_rows_resent": run.changed_rows,

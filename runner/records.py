@@ -70,6 +70,7 @@ class Result:
     reasoning: str | None = None
     finish_reason: str | None = None
     usage: Usage = Usage()
+    cost: float | None = None
     request_id: str | None = None
     error_type: str | None = None
     error_code: str | None = None
@@ -104,6 +105,7 @@ RESULT_FIELDS = (
     pa.field("total_tokens", pa.int64()),
     pa.field("cached_tokens", pa.int64()),
     pa.field("reasoning_tokens", pa.int64()),
+    pa.field("cost", pa.float64()),
     pa.field("request_id", pa.string()),
     pa.field("status", pa.string()),
     pa.field("error_type", pa.string()),
@@ -143,6 +145,7 @@ def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
         "total_tokens": [u.total_tokens for u in usage],
         "cached_tokens": [u.cached_tokens for u in usage],
         "reasoning_tokens": [u.reasoning_tokens for u in usage],
+        "cost": [r.cost for r in results],
         "request_id": [r.request_id for r in results],
         "status": [r.status for r in results],
         "error_type": [r.error_type for r in results],

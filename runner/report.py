@@ -23,6 +23,9 @@ class RunSummary:
     changed_rows: int = 0          # rows done earlier whose request changed since: sent again
     throttled: Counter = field(default_factory=Counter)     # 429 answers (attempts, not rows) by code
     paused_seconds: float = 0.0    # time the cool-down gate held every send
+    cost: float = 0.0              # estimated from usage and the price table
+    currency: str | None = None
+    total_rows: int | None = None  # the job's rows, for the cost projection
     attempts: int = 0              # requests sent, retries included
     errors: Counter = field(default_factory=Counter)        # (error_type, error_code) -> rows
     finish_reasons: Counter = field(default_factory=Counter)
@@ -48,6 +51,7 @@ class RunSummary:
         else:
             self.failed += 1
             self.errors[(result.error_type or "Error", result.error_code or "")] += 1
+        self.cost += result.cost or 0.0
         usage = result.usage
         self.input_tokens += usage.input_tokens or 0
         self.output_tokens += usage.output_tokens or 0
@@ -91,6 +95,9 @@ class RunSummary:
             "tokens": {"input": self.input_tokens, "output": self.output_tokens, "total": self.total_tokens,
                        "cached": self.cached_tokens, "reasoning": self.reasoning_tokens},
             "latency_ms": {k: (round(v, 1) if v is not None else None) for k, v in self.latency_percentiles().items()},
+            "cost": {"spent": round(self.cost, 6), "currency": self.currency,
+                     "projected_total": (round(self.cost / self.rows * self.total_rows, 6)
+                                         if self.rows and self.total_rows else None)},
             "throttled": dict(self.throttled.most_common()),
             "paused_seconds": round(self.paused_seconds, 2),
             "wall_seconds": round(span, 3) if span else None,
@@ -114,6 +121,11 @@ class RunSummary:
         if d["wall_seconds"]:
             lines.append(f"throughput {d['rows_per_second']:,} rows/s  {d['requests_per_second']:,} requests/s  "
                          f"{d['tokens_per_second']:,} tokens/s  over {d['wall_seconds']:,} s")
+        if self.cost:
+            projected = d["cost"]["projected_total"]
+            lines.append(f"cost       {self.cost:,.4f} {self.currency or ''}"
+                         + (f"  (projected for all {self.total_rows:,} rows: {projected:,.4f})"
+                            if projected and self.total_rows and self.total_rows > self.rows else ""))
         if self.throttled:
             lines.append("throttled  " + "  ".join(f"{code} {n:,}" for code, n in self.throttled.most_common())
                          + f"  (paused {self.paused_seconds:,.1f} s)")
@@ -137,7 +149,7 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f} ms"
 
 
-SUMMARY_COLUMNS = ["status", "error_type", "error_code", "finish_reason", "attempts", "latency_ms", "input_tokens",
+SUMMARY_COLUMNS = ["status", "error_type", "error_code", "finish_reason", "attempts", "latency_ms", "cost", "input_tokens",
                    "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "started_at", "finished_at"]
 
 
@@ -165,6 +177,6 @@ def summarize_file(path: str | Path) -> RunSummary:
                 row_id=0, key="", model="", status=row["status"], finish_reason=row["finish_reason"],
                 usage=Usage(row["input_tokens"], row["output_tokens"], row["total_tokens"], row["cached_tokens"],
                             row["reasoning_tokens"]),
-                error_type=row["error_type"], error_code=row["error_code"], attempts=row["attempts"] or 0,
+                cost=row["cost"], error_type=row["error_type"], error_code=row["error_code"], attempts=row["attempts"] or 0,
                 latency_ms=row["latency_ms"], started_at=row["started_at"], finished_at=row["finished_at"]))
     return summary

@@ -123,6 +123,7 @@ class ParquetSink:
         self._next_seq = 1
         self._lock_fd: int | None = None
         self.done = DoneRows()
+        self.done_cost = 0.0  # what the rows already done cost, so a budget covers the whole job
         self.recovered_from_journal = 0
         self._open(overwrite=overwrite, restart=restart)
 
@@ -212,13 +213,14 @@ class ParquetSink:
         for path in sorted(self.parts_dir.glob("part-*.parquet")):
             try:
                 seq = int(path.stem.split("-")[1])
-                table = pq.read_table(path, columns=["row_id", "status", "error_type", "request_hash"])
+                table = pq.read_table(path, columns=["row_id", "status", "error_type", "request_hash", "cost"])
             except (ValueError, IndexError, OSError, pa.ArrowException):
                 path.rename(path.with_name(path.name + ".corrupt"))  # kept for inspection, never trusted
                 continue
             if table.num_rows == 0:
                 continue
             rows = table.column("row_id").to_pylist()
+            self.done_cost += sum(c for c in table.column("cost").to_pylist() if c)
             for row_id, status, error_type, digest in zip(rows, table.column("status").to_pylist(),
                                                           table.column("error_type").to_pylist(),
                                                           table.column("request_hash").to_pylist()):

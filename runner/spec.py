@@ -68,6 +68,7 @@ class ModelSpec:
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     stream: str = "auto"  # "auto", "always" or "never" (the job file says "auto", true or false)
     stream_only_models: tuple[str, ...] = ()
+    prices: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # [model] price_* overrides
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class RunSpec:
     expected_output_tokens: int | None = None
     cooldown_seconds: float = 0.25
     retry_budget: float = 1.0
+    max_cost: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class JobSpec:
         """A copy with CLI values applied; keys whose value is None were not given and change nothing."""
         spec = self
         sections = {"concurrency": "run", "limit": "run", "max_error_rate": "run", "max_attempts": "run",
-                    "rpm": "run", "tpm": "run",
+                    "rpm": "run", "tpm": "run", "max_cost": "run",
                     "base_url": "endpoint", "dialect": "endpoint", "api_key_env": "endpoint"}
         for name, value in given.items():
             if value is None:
@@ -138,7 +140,7 @@ class JobSpec:
 
 def _check_override(name: str, value: Any) -> None:
     where = f"--{name.replace('_', '-')}"
-    if name in ("rpm", "tpm") and value <= 0:
+    if name in ("rpm", "tpm", "max_cost") and value <= 0:
         raise SpecError(f"{where}: expected a number > 0, got {value}")
     if name in ("concurrency", "max_attempts") and value < 1:
         raise SpecError(f"{where}: expected an integer >= 1, got {value}")
@@ -176,6 +178,7 @@ MODEL_PARAMS: dict[str, str] = {
     "frequency_penalty": _NUM, "repetition_penalty": _NUM, "response_format": "a table",
     "enable_search": _BOOL, "max_input_tokens": _INT,
 }
+PRICE_KEYS = ("price_input", "price_output", "price_cached_input", "price_thinking_output")
 
 _SECTIONS: dict[str, dict[str, str]] = {
     "input": {"path": _STR, "id_column": _STR, "prompt_column": _STR, "messages_column": _STR,
@@ -186,12 +189,12 @@ _SECTIONS: dict[str, dict[str, str]] = {
                  "connect_timeout": _NUM, "stream_idle_timeout": _NUM, "transport": _STR,
                  "api_key": "never set here"},
     "model": {"name": _STR, **MODEL_PARAMS, "extra": "a table", "stream": _STREAM,
-              "stream_only_models": "a list of strings"},
+              "stream_only_models": "a list of strings", **{k: _NUM for k in PRICE_KEYS}},
     "run": {"concurrency": _INT, "max_attempts": _INT, "backoff_initial": _NUM, "backoff_max": _NUM,
             "retry_after_max": _NUM, "max_error_rate": _NUM, "limit": _INT, "part_rows": _INT,
             "part_seconds": _NUM, "drain_seconds": _NUM, "rpm": _NUM, "tpm": _NUM, "limits": "a table",
             "adaptive_rate": _BOOL, "expected_output_tokens": _INT, "cooldown_seconds": _NUM,
-            "retry_budget": _NUM},
+            "retry_budget": _NUM, "max_cost": _NUM},
     "output": {"path": _STR},
 }
 
@@ -340,7 +343,8 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
     stream = model_raw.get("stream", "auto")
     model = ModelSpec(name=name, params=MappingProxyType(params),
                       stream=stream if stream == "auto" else ("always" if stream else "never"),
-                      stream_only_models=tuple(model_raw.get("stream_only_models", ())))
+                      stream_only_models=tuple(model_raw.get("stream_only_models", ())),
+                      prices=MappingProxyType({k: float(model_raw[k]) for k in PRICE_KEYS if k in model_raw}))
 
     # [run]
     run = RunSpec(
@@ -360,6 +364,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         expected_output_tokens=positive("run", "expected_output_tokens", None),
         cooldown_seconds=float(positive("run", "cooldown_seconds", 0.25, allow_zero=True)),
         retry_budget=float(positive("run", "retry_budget", 1.0)),
+        max_cost=positive("run", "max_cost", None),
     )
     if run.max_error_rate > 1:
         _raise(fail("run", "max_error_rate", f"expected a number from 0 to 1, got {run.max_error_rate}"))

@@ -7,9 +7,13 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .clients import DIALECTS
 from .clients.stream_rules import StreamPolicy
+from .cost import PER_TOKENS, PriceBook
+from .endpoints import request_headers
+from .tokens import estimate_prompt_tokens, output_reserve
 from .endpoints import chat_url
 from .sources import open_source
 from .spec import JobSpec
@@ -28,6 +32,14 @@ class ValidationReport:
     largest_body_bytes: int = 0
     streamed: int = 0
     api_key_present: bool = False
+    input_tokens: int = 0           # estimated, tokenizer-free
+    output_tokens_max: int = 0      # from max_tokens (or the model's cap)
+    output_tokens_expected: int = 0 # from expected_output_tokens (else a quarter of max_tokens)
+    cost_low: float | None = None
+    cost_high: float | None = None
+    currency: str = ""
+    prices_as_of: str | None = None
+    unpriced_models: set = field(default_factory=set)
     output_exists: bool = False
     unfinished_run: bool = False
 
@@ -44,6 +56,15 @@ class ValidationReport:
             f"rows       {self.rows - self.invalid:,} valid, {self.invalid:,} invalid, {self.streamed:,} streamed"
             + (f"; largest request body {self.largest_body_bytes:,} bytes" if self.largest_body_bytes else ""),
         ]
+        lines.append(f"tokens     ~{self.input_tokens:,} input (estimated), {self.output_tokens_expected:,} expected "
+                     f"and at most {self.output_tokens_max:,} output")
+        if self.cost_low is not None:
+            lines.append(f"cost       {self.cost_low:,.4f} - {self.cost_high:,.4f} {self.currency} estimated "
+                         f"({spec.endpoint.region} prices as of {self.prices_as_of})"
+                         + (f"; budget {spec.run.max_cost:g}" if spec.run.max_cost else ""))
+        if self.unpriced_models:
+            lines.append(f"warning    no price for {', '.join(sorted(self.unpriced_models))}: not in the estimate "
+                         "(set [model] price_input and price_output)")
         if self.duplicate_keys:
             lines.append(f"warning    {self.duplicate_keys:,} rows repeat an earlier id "
                          f"(first: {self.first_duplicate!r}); rows are tracked by position, ids are only copied")
@@ -71,7 +92,10 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     build_payload = DIALECTS[spec.endpoint.dialect].build_payload
     streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
-    report = ValidationReport(spec=spec, format=source.format)
+    prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices)
+    report = ValidationReport(spec=spec, format=source.format, currency=prices.currency,
+                              prices_as_of=prices.as_of)
+    low = high = 0.0
     # Digests, not the keys themselves: 16 bytes a row is fine for a one-off check of a big file.
     seen_keys: set[bytes] = set()
     for request in source:
@@ -87,6 +111,20 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
                 report.problems.append(request.problem)
             continue
         report.models[request.model] += 1
+        price = prices.price(request.model)
+        input_tokens = estimate_prompt_tokens(request.messages)
+        cap = request.params.get("max_completion_tokens") or request.params.get("max_tokens") or \
+            (price.max_output if price else None) or output_reserve({}, None)
+        expected = spec.run.expected_output_tokens or max(1, int(cap) // 4)
+        report.input_tokens += input_tokens
+        report.output_tokens_max += int(cap)
+        report.output_tokens_expected += expected
+        if price is None:
+            report.unpriced_models.add(request.model)
+        else:
+            # The estimate errs by up to ~25% either way on input; output between expected and the cap.
+            low += (input_tokens * 0.8 * price.input + expected * price.output) / PER_TOKENS
+            high += (input_tokens * 1.25 * price.input + int(cap) * price.output) / PER_TOKENS
         try:
             size = len(json.dumps(build_payload(request, stream=streaming.wants_stream(request.model, request.params)),
                                   ensure_ascii=False, allow_nan=False).encode())
@@ -98,7 +136,37 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
                 report.problems.append(f"row_id {request.row_id}: the request cannot be sent as JSON ({exc})")
             continue
         report.largest_body_bytes = max(report.largest_body_bytes, size)
+    if report.rows > report.invalid and len(report.unpriced_models) < len(report.models):
+        report.cost_low, report.cost_high = low, high
     report.api_key_present = bool(os.environ.get(spec.endpoint.api_key_env, "").strip())
     report.output_exists = spec.output.path.exists()
     report.unfinished_run = spec.output.path.with_name(spec.output.path.name + ".parts").exists()
     return report
+
+
+def write_dry_run(spec: JobSpec) -> tuple[Path, int]:
+    """Render every request and write what would be sent (URL, headers without the key, body) as JSONL.
+
+    Nothing is sent and no key is needed. Returns the file and the number of requests in it."""
+    from .endpoints import ApiKey
+
+    source = open_source(spec.input, spec.model, limit=spec.run.limit)
+    dialect = DIALECTS[spec.endpoint.dialect]
+    streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
+    headers = {k: v for k, v in request_headers(spec.endpoint, ApiKey("")).items() if k != "Authorization"}
+    path = spec.output.path.with_name(spec.output.path.stem + ".requests.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    url = chat_url(spec.endpoint)
+    with open(path, "w", encoding="utf-8") as fh:
+        for request in source:
+            if request.problem is not None:
+                line = {"row_id": request.row_id, "key": request.key, "problem": request.problem}
+            else:
+                stream = streaming.wants_stream(request.model, request.params)
+                line = {"row_id": request.row_id, "key": request.key, "method": "POST", "url": url,
+                        "headers": {**headers, **(dialect.STREAM_HEADERS if stream else {})},
+                        "body": dialect.build_payload(request, stream=stream)}
+                count += 1
+            fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+    return path, count
