@@ -197,11 +197,25 @@ def summary(output: str, as_json: bool) -> int:
 @click.option("--burst-factor", type=click.FloatRange(min=1), metavar="F",
               help="Answer Throttling.BurstRate when a model's requests in the last second exceed F times "
                    "those of the second before (floor: RPS/10). Default: off.")
+@click.option("--batch-time-scale", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              metavar="X", help="Batch API: emulated seconds per real second (3600 makes a 24h window pass in "
+                                "24 s).")
+@click.option("--batch-phase-seconds", default=60.0, show_default=True, type=click.FloatRange(min=0), metavar="S",
+              help="Batch API: emulated seconds each phase (validating, in_progress, finalizing) lasts.")
+@click.option("--batch-line-faults", default=0.0, show_default=True, type=click.FloatRange(0, 1), metavar="RATE",
+              help="Batch API: share of lines sent to the error file as 500s (fixed by seed and custom_id).")
+@click.option("--batch-fail-validation", is_flag=True, help="Batch API: every batch fails validation.")
+@click.option("--batch-expire-after", type=click.FloatRange(0, 1), metavar="F",
+              help="Batch API: every batch expires once this fraction of its lines is done (the rest go to "
+                   "the error file as batch_expired). Default: batches complete.")
 @_funnel
 def emulator(host: str, port: int, latency_ms: float, jitter_ms: float, faults: tuple[str, ...], seed: int,
              retry_after: float | None, stream_chunks: int, chunk_delay_ms: float, native_stream_errors: str,
-             rpm: float | None, tpm: float | None, limits: tuple[str, ...], burst_factor: float | None) -> int:
-    """Serve a local stand-in for DashScope (both dialects) for rehearsals, tests and benchmarks."""
+             rpm: float | None, tpm: float | None, limits: tuple[str, ...], burst_factor: float | None,
+             batch_time_scale: float, batch_phase_seconds: float, batch_line_faults: float,
+             batch_fail_validation: bool, batch_expire_after: float | None) -> int:
+    """Serve a local stand-in for DashScope (both dialects, and the files and batches API) for rehearsals,
+    tests and benchmarks."""
     from .emulator import EmulatorConfig, FaultRates, parse_fault_spec, parse_limit_spec, run_forever
 
     try:
@@ -216,7 +230,10 @@ def emulator(host: str, port: int, latency_ms: float, jitter_ms: float, faults: 
         config = EmulatorConfig(latency_ms=latency_ms, latency_jitter_ms=jitter_ms, faults=parsed, seed=seed,
                                 retry_after=retry_after, stream_chunks=stream_chunks, chunk_delay_ms=chunk_delay_ms,
                                 native_stream_error_status=native_stream_errors, rpm=rpm, tpm=tpm,
-                                limits=per_model, burst_factor=burst_factor)
+                                limits=per_model, burst_factor=burst_factor, batch_time_scale=batch_time_scale,
+                                batch_phase_seconds=batch_phase_seconds, batch_line_fault_rate=batch_line_faults,
+                                batch_fail_validation=batch_fail_validation,
+                                batch_expire_after_fraction=batch_expire_after)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     run_forever(config, host, port)

@@ -4,8 +4,9 @@ Both dialects on one port: OpenAI-compatible ``/compatible-mode/v1/chat/completi
 ``/api/v1/services/aigc/{text,multimodal}-generation/generation``; deterministic answers and
 usage; SSE streams in both dialects (compat ``"stream": true``, native ``X-DashScope-SSE``);
 faults injected per attempt from a hash of (seed, row key, attempt), stream faults included;
-per-model RPM/TPM limits enforced per second, and burst detection; counters at
-``GET /_emulator/stats`` (reset with ``POST /_emulator/reset``).
+per-model RPM/TPM limits enforced per second, and burst detection; the OpenAI-compatible
+files and batches API (``/compatible-mode/v1/files``, ``/batches``) with a clock-driven
+lifecycle; counters at ``GET /_emulator/stats`` (reset with ``POST /_emulator/reset``).
 """
 
 from .config import DEFAULT_MODELS, NATIVE_STREAM_ERROR_MODES, EmulatorConfig

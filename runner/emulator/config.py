@@ -62,6 +62,13 @@ class EmulatorConfig:
     `limits` overrides them per model as model -> (rpm, tpm), where None inherits the global
     value and ``inf`` lifts it. `burst_factor` (None: off) and `burst_window_s` configure
     Throttling.BurstRate. Accepted as a mapping, pairs or "MODEL=RPM:TPM" strings.
+
+    Batches (see batches.py): emulated time runs `batch_time_scale` times as fast as the clock;
+    each phase (validating, in_progress, finalizing) lasts `batch_phase_seconds` emulated
+    seconds. `batch_line_fault_rate` of the lines (by a hash of seed and custom_id) go to the
+    error file as 500s; `batch_fail_validation` fails every batch in validation;
+    `batch_expire_after_fraction` expires every batch once that share of its lines is done.
+    `batch_max_lines` and `batch_max_line_bytes` are the real API's caps, lowered in tests.
     """
 
     latency_ms: float = 0.0
@@ -81,6 +88,13 @@ class EmulatorConfig:
     limits: Mapping[str, Limit] = field(default_factory=LimitTable)
     burst_window_s: float = 1.0
     burst_factor: float | None = None
+    batch_time_scale: float = 1.0
+    batch_phase_seconds: float = 60.0
+    batch_line_fault_rate: float = 0.0
+    batch_fail_validation: bool = False
+    batch_expire_after_fraction: float | None = None
+    batch_max_lines: int = 50_000
+    batch_max_line_bytes: int = 6 * 1024 * 1024
 
     def __post_init__(self) -> None:
         # object.__setattr__ because the dataclass is frozen; this only normalises inputs.
@@ -119,11 +133,27 @@ class EmulatorConfig:
                 math.isfinite(factor) and factor >= 1
             ):
                 raise ValueError(f"burst_factor must be a finite number >= 1, got {factor!r}")
+        _check_non_negative("batch_time_scale", self.batch_time_scale)
+        if self.batch_time_scale == 0:
+            raise ValueError("batch_time_scale must be > 0, got 0")
+        _check_non_negative("batch_phase_seconds", self.batch_phase_seconds)
+        _check_fraction("batch_line_fault_rate", self.batch_line_fault_rate)
+        if self.batch_expire_after_fraction is not None:
+            _check_fraction("batch_expire_after_fraction", self.batch_expire_after_fraction)
+        for name in ("batch_max_lines", "batch_max_line_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _check_non_negative(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 __all__ = ["DEFAULT_MODELS", "NATIVE_STREAM_ERROR_MODES", "EmulatorConfig"]

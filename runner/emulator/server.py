@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .batch_http import add_batch_routes
 from .config import EmulatorConfig
 from .handler import answer
 from .responses import DASHSCOPE, OPENAI, DashScopeDialect, OpenAIDialect
@@ -28,7 +29,8 @@ def build_app(
 ) -> web.Application:
     """The emulator as an aiohttp Application (both dialects, stats and reset endpoints).
 
-    `clock` (monotonic seconds) drives the rate limiter; tests pass a fake one."""
+    `clock` (monotonic seconds) drives the rate limiter and the batches' lifecycle; tests pass
+    a fake one."""
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     state = EmulatorState(config, clock=clock)
     app[STATE] = state
@@ -55,6 +57,7 @@ def build_app(
         app.router.add_post(
             f"{DASHSCOPE_PREFIX}/services/aigc/{kind}/generation", dashscope_handler
         )
+    add_batch_routes(app, state, OPENAI_PREFIX)
     app.router.add_get("/_emulator/stats", stats_handler)
     app.router.add_post("/_emulator/reset", reset_handler)
     app.on_shutdown.append(wake_sleepers)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .batches import BatchStore
 from .config import EmulatorConfig
 from .generate import ApiError
 from .limits import RateLimits
@@ -48,7 +49,8 @@ def _resolve(future: asyncio.Future[bool], value: bool) -> None:
 
 
 class EmulatorState:
-    """Everything one app instance owns. `clock` drives the rate limiter only."""
+    """Everything one app instance owns. `clock` drives the rate limiter and the batches'
+    lifecycle (scaled by batch_time_scale)."""
 
     def __init__(
         self, config: EmulatorConfig, clock: Callable[[], float] = time.monotonic
@@ -69,6 +71,8 @@ class EmulatorState:
             clock=clock,
         )
         self.chunk_delay = config.chunk_delay_ms / 1000.0
+        self.batches = BatchStore(config, clock, self.rng)
+        self.stats.batch_statuses = self.batches.status_counts
 
     def check_auth(self, header: str | None) -> None:
         if not header:

@@ -6,6 +6,7 @@ through Emulator.stats(), which runs snapshot() on that loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -15,6 +16,8 @@ class Stats:
 
     def __init__(self) -> None:
         self.in_flight = 0
+        # Batches by status now, a view of the batch store (set by EmulatorState).
+        self.batch_statuses: Callable[[], dict[str, int]] = dict
         self.reset()
 
     def reset(self) -> None:
@@ -33,6 +36,11 @@ class Stats:
         self.admitted: dict[str, int] = {}
         self.tokens_admitted: dict[str, int] = {}
         self.by_model_status: dict[str, dict[int, int]] = {}
+        # Files and batches API (never counted in `requests`).
+        self.batches_created = 0
+        self.batch_lines = 0
+        self.files_uploaded = 0
+        self.file_bytes = 0
         # Requests still in flight across a reset are part of the new peak.
         self.max_in_flight = self.in_flight
 
@@ -84,6 +92,12 @@ class Stats:
                 for model, codes in self.by_model_status.items()
             },
         }
+        data["batches"] = {
+            "created": self.batches_created,
+            "by_status": self.batch_statuses(),
+            "lines": self.batch_lines,
+        }
+        data["files"] = {"uploaded": self.files_uploaded, "bytes": self.file_bytes}
         if keys:
             data["keys"] = {k: {"received": r, "succeeded": s} for k, (r, s) in self.keys.items()}
         data["key_count"] = len(self.keys)

@@ -33,7 +33,8 @@ class Emulator:
     >>> with Emulator(EmulatorConfig(faults={"429": 0.1})) as emu:
     ...     client = httpx.Client(base_url=emu.openai_base_url)
 
-    `clock` (monotonic seconds, called on the server thread) drives the rate limiter.
+    `clock` (monotonic seconds, called on the server thread) drives the rate limiter and the
+    batches' lifecycle.
     start() returns once the socket listens; stop() wakes sleeping `hang`/`slow` handlers,
     closes the listening socket and joins the thread. stats() and reset() are safe from any
     thread, and stats() still works after stop().
