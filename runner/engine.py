@@ -150,14 +150,15 @@ async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop:
 
 @dataclass
 class _Lane:
-    """What every worker shares: the client, the retry policy, the limiter and the stop control."""
+    """What every worker shares: the client, retry policy and budget, rate limiter, prices and cost budget
+    (`spend`, when [run] max_cost is set), and the stop control."""
 
     client: ChatClient
     policy: RetryPolicy
     sleep: Callable[[float], Awaitable[None]]
     stop: _Stop
     limiter: LocalRateLimiter
-    budget: RetryBudget
+    retry_budget: RetryBudget
     expected_output_tokens: int | None
     prices: PriceBook
     spend: CostBudget | None
@@ -175,9 +176,9 @@ async def _send(lane: _Lane, request: Request):
         if lane.stop.requested:
             raise _Stopping
         if number == 1:
-            lane.budget.first_attempt()
+            lane.retry_budget.first_attempt()
         else:
-            lane.budget.retry(last_error)
+            lane.retry_budget.retry(last_error)
         sent_at = await lane.limiter.acquire(request.model, reserve)
         if lane.spend is not None:
             await lane.spend.reserve(worst_cost)  # released or replaced by the real cost in attempt()
@@ -313,7 +314,7 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
         cooldown_max=spec.run.retry_after_max)
     if on_start is not None:
         on_start(source.total, len(sink.done), limiter)
-    budget = RetryBudget(spec.run.retry_budget, time.monotonic)
+    retry_budget = RetryBudget(spec.run.retry_budget, time.monotonic)
     started = time.perf_counter()
     finished = False
     try:
@@ -329,7 +330,7 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
                     if handle_signals:
                         tg.start_soon(_watch_signals, stop, spec.run.drain_seconds, on_notice)
                     tg.start_soon(_produce, source, sink.done, counts, stop, req_send, res_send.clone())
-                    lane = _Lane(client, policy, sleep, stop, limiter, budget, spec.run.expected_output_tokens,
+                    lane = _Lane(client, policy, sleep, stop, limiter, retry_budget, spec.run.expected_output_tokens,
                                  prices, spend)
                     tg.start_soon(_run_workers, concurrency, lane, req_recv, res_send)
                     await _write_results(res_recv, sink, summary, on_result)
