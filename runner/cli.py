@@ -287,8 +287,16 @@ class _Progress:
             paused = self.limiter.gate.paused_seconds if self.limiter else 0.0
             self.bar.set_postfix_str(f"ok={self.ok:,} failed={self.failed:,} req/s={self.requests / elapsed:,.0f} "
                                      f"tok/s={self.tokens / elapsed:,.0f} 429s={throttled:,} paused={paused:.1f}s "
-                                     f"cost={self.cost:,.4f}",
+                                     f"cost={self.cost:,.4f}{self._projection()}",
                                      refresh=False)
+
+    def _projection(self) -> str:
+        """The whole job's cost at this run's average per row (rows done by earlier runs are not counted)."""
+        rows = self.ok + self.failed
+        total = self.bar.total if self.bar is not None else None
+        if not self.cost or not rows or not total:
+            return ""
+        return f" (job ~{self.cost / rows * (total - self.bar.initial):,.4f})"
 
     def notice(self, message: str) -> None:
         if self.bar is not None:

@@ -277,5 +277,6 @@ def test_progress_bar_on_a_terminal_only(tmp_path, make_emulator):
     assert proc.wait(timeout=60) == 0
     text = output.decode(errors="replace")
     assert "100/100" in text and "row/s" in text and "429s=" in text and "ok=" in text
+    assert "cost=" in text and "(job ~" in text
     piped = run_cli("run", str(job), "--overwrite")
     assert "row/s" not in piped.stderr and "rows       100" in piped.stderr
