@@ -24,7 +24,7 @@ from .clients import ChatClient
 from .clients.stream_rules import StreamPolicy
 from .endpoints import ApiKey, base_url, resolve_api_key
 from .errors import CallError, Interrupted, RunnerError, Throttled
-from .limits import RetryPolicy, call_with_retries
+from .limits import Outcome, RetryPolicy, call_with_retries
 from .cost import CostBudget, NoPrice, PriceBook
 from .ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
 from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, result_schema
@@ -164,12 +164,14 @@ class _Lane:
     spend: CostBudget | None
 
 
-async def _send(lane: _Lane, request: Request):
-    """One row through the limiter and the retry loop; the token reservation is settled with the real usage."""
+async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None]:
+    """One row through the limiter and the retry loop; the token reservation is settled with the real usage.
+    Returns the outcome and the successful answer's cost."""
     reserve = estimate_prompt_tokens(request.messages) + output_reserve(request.params, lane.expected_output_tokens)
     worst_cost = lane.prices.worst_case(request) if lane.spend is not None else 0.0
     last_error = ""
     sent_at = 0.0
+    answer_cost: float | None = None
 
     async def before_attempt(number: int) -> None:
         nonlocal sent_at
@@ -184,11 +186,11 @@ async def _send(lane: _Lane, request: Request):
             await lane.spend.reserve(worst_cost)  # released or replaced by the real cost in attempt()
 
     async def attempt(req: Request) -> Completion:
-        nonlocal last_error
+        nonlocal last_error, answer_cost
         cost = None
         try:
             completion = await lane.client.complete(req)
-            cost = lane.prices.row_cost(req, completion.usage)
+            cost = answer_cost = lane.prices.row_cost(req, completion.usage)
         except CallError as error:
             lane.limiter.settle(req.model, -reserve)
             if isinstance(error, Throttled):
@@ -211,7 +213,8 @@ async def _send(lane: _Lane, request: Request):
             raise _Stopping
         await lane.sleep(seconds)
 
-    return await call_with_retries(attempt, request, lane.policy, sleep=retry_sleep, before_attempt=before_attempt)
+    outcome = await call_with_retries(attempt, request, lane.policy, sleep=retry_sleep, before_attempt=before_attempt)
+    return outcome, answer_cost
 
 
 async def _work(lane: _Lane, requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:
@@ -221,14 +224,14 @@ async def _work(lane: _Lane, requests: ObjectReceiveStream[Request], results: Ob
                 return  # queued rows are not started once the run is stopping
             started_at = _now()
             try:
-                outcome = await _send(lane, request)
+                outcome, cost = await _send(lane, request)
             except _Stopping:
                 continue
             except RunnerError as error:
                 lane.stop.fail(error)  # this row is not written: the rerun sends it
                 continue
             if outcome.completion is not None:
-                result = _ok_result(request, outcome, started_at, lane.prices.row_cost(request, outcome.completion.usage))
+                result = _ok_result(request, outcome, started_at, cost)
             else:
                 result = _error_result(request, outcome, started_at)
             await results.send(result)

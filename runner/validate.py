@@ -126,10 +126,9 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
             low += (input_tokens * 0.8 * price.input + expected * price.output) / PER_TOKENS
             high += (input_tokens * 1.25 * price.input + int(cap) * price.output) / PER_TOKENS
         try:
-            size = len(json.dumps(build_payload(request, stream=streaming.wants_stream(request.model, request.params)),
-                                  ensure_ascii=False, allow_nan=False).encode())
-            if streaming.wants_stream(request.model, request.params):
-                report.streamed += 1
+            stream = streaming.wants_stream(request.model, request.params)
+            size = len(json.dumps(build_payload(request, stream=stream), ensure_ascii=False, allow_nan=False).encode())
+            report.streamed += stream
         except (TypeError, ValueError) as exc:
             report.invalid += 1
             if len(report.problems) < show:

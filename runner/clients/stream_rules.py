@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from typing import Any, Mapping
 
 # Streaming only, whatever the parameters: QwQ, QVQ, Omni, and the *-thinking-* releases.
@@ -23,6 +24,15 @@ def _matches(model: str, patterns) -> bool:
     return any(fnmatchcase(model, pattern) for pattern in patterns)
 
 
+@lru_cache(maxsize=1024)
+def _model_class(model: str, stream_only_models: tuple[str, ...]) -> tuple[bool, bool, bool]:
+    """(always streams, thinks only when streamed, thinks by default) for a model name. Cached: this runs
+    for every request, and pattern matching is a measurable share of the per-request CPU."""
+    name = model.lower()
+    return (_matches(name, ALWAYS_STREAM) or _matches(model, stream_only_models),
+            _matches(name, THINK_ONLY_STREAMED), _matches(name, THINK_BY_DEFAULT))
+
+
 @dataclass(frozen=True)
 class StreamPolicy:
     mode: str = "auto"                       # "auto", "always" or "never"
@@ -35,12 +45,10 @@ class StreamPolicy:
             return explicit
         if self.mode != "auto":
             return self.mode == "always"
-        name = model.lower()
+        always, think_only_streamed, think_by_default = _model_class(model, self.stream_only_models)
         thinking = params.get("enable_thinking")
-        if _matches(name, ALWAYS_STREAM) or _matches(model, self.stream_only_models):
+        if always or params.get("enable_code_interpreter"):
             return True
-        if params.get("enable_code_interpreter"):
+        if thinking is True and (think_only_streamed or think_by_default):
             return True
-        if thinking is True and (_matches(name, THINK_ONLY_STREAMED) or _matches(name, THINK_BY_DEFAULT)):
-            return True
-        return _matches(name, THINK_BY_DEFAULT) and thinking is not False
+        return think_by_default and thinking is not False
