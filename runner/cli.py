@@ -62,6 +62,9 @@ def _job_overrides(func: Callable) -> Callable:
         click.option("--base-url", help="Endpoint base URL, e.g. http://127.0.0.1:8000/compatible-mode/v1."),
         click.option("--max-error-rate", type=float,
                      help="Exit 3 when more than this fraction of rows failed (default [run] max_error_rate, 0)."),
+        click.option("--mode", type=click.Choice(["online", "batch"]),
+                     help="Send rows one request each (online) or through the Batch API at batch prices "
+                          "(overrides [run] mode)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -84,14 +87,14 @@ def _load(job: str, **overrides: Any):
 @click.option("--tpm", type=float, help="Tokens per minute allowed per model (overrides [run] tpm).")
 @click.option("--overwrite", is_flag=True, help="Replace an output file left by a finished run.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run's committed rows and start over.")
-@click.option("--retry-failed", type=click.Choice(["transient", "all", "none"]), default="transient",
-              show_default=True, help="Which failed rows of an earlier run a rerun sends again: throttled and "
-                                      "transient ones, all, or none.")
+@click.option("--retry-failed", type=click.Choice(["transient", "all", "none"]),
+              help="Which failed rows of an earlier, unfinished run a rerun sends again: throttled and transient "
+                   "ones (the default online), all, or none (the default in batch mode).")
 @click.option("--emulator", "use_emulator", is_flag=True,
               help="Rehearse against the built-in DashScope emulator on loopback (no key, no network).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @_funnel
-def run(job: str, overwrite: bool, restart: bool, retry_failed: str, use_emulator: bool, quiet: bool,
+def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_emulator: bool, quiet: bool,
         dry_run: bool, **overrides: Any) -> int:
     """Send every row of JOB and write the results to Parquet (resumes an unfinished run)."""
     import anyio
@@ -110,12 +113,15 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str, use_emulato
     emulator = None
     api_key = None
     if use_emulator:
-        from .emulator import Emulator
+        from .emulator import Emulator, EmulatorConfig
         from .endpoints import ApiKey
 
-        emulator = Emulator().start()
+        # Batches take a second a phase instead of minutes to hours, and are checked every half second.
+        emulator = Emulator(EmulatorConfig(batch_time_scale=60.0, batch_phase_seconds=60.0)).start()
         base = emulator.openai_base_url if spec.endpoint.dialect == "openai" else emulator.dashscope_base_url
         spec = spec.override(base_url=base)
+        if spec.run.mode == "batch":
+            spec = spec.override(batch_poll_seconds=0.5)
         api_key = ApiKey(EMULATOR_KEY)
         if not quiet:
             click.echo(f"rehearsing against the built-in emulator at {base}", err=True)
@@ -153,6 +159,90 @@ def validate(job: str, show: int, **overrides: Any) -> int:
     click.echo(report.render())
     if report.rows and report.invalid / report.rows > spec.run.max_error_rate:
         return EXIT_TOO_MANY_FAILED
+    return EXIT_OK
+
+
+def _batch_api_call(spec, call):
+    """Run `call(api)` against the job's Batch API; the key as `runner run` finds it."""
+    import anyio
+
+    from .batch.api import BatchApi
+    from .endpoints import resolve_api_key
+
+    api_key = resolve_api_key(spec.endpoint)
+
+    async def main_():
+        async with BatchApi(spec.endpoint, api_key) as api:
+            return await call(api)
+
+    return anyio.run(main_)
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), help="Output Parquet path (overrides [output] path).")
+@click.option("--base-url", help="Endpoint base URL (overrides [endpoint] base_url).")
+@click.option("--offline", is_flag=True, help="Show what the last run recorded; ask the server nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the batches as JSON.")
+@_funnel
+def status(job: str, output: str | None, base_url: str | None, offline: bool, as_json: bool) -> int:
+    """Show each batch of JOB (batch mode): its state and request counts, fresh from the server. Never waits."""
+    import json
+
+    from .batch.driver import describe_batches, load_state
+
+    spec = _load(job, output=output, base_url=base_url)
+    state = load_state(spec)
+    if not state.records:
+        where = "finished: " if spec.output.path.exists() else "no batches recorded for "
+        click.echo(f"{where}{spec.output.path}")
+        return EXIT_OK
+    live = state.live
+    if live and not offline:
+        async def refresh(api):
+            for record in live:
+                record.update(await api.retrieve(record.batch_id))
+        _batch_api_call(spec, refresh)  # shown, not saved: the state belongs to the run
+    if as_json:
+        click.echo(json.dumps(describe_batches(state), indent=2))
+        return EXIT_OK
+    for record in state.records:
+        step = "joined into the output" if record.joined else "downloaded, not joined yet" if record.downloaded \
+            else "waiting for `runner run` to pick it up" if record.terminal or record.status in (None, "rejected") \
+            else "running"
+        click.echo(f"{record.describe()}  ({step})")
+    click.echo(f"{len(state.records)} batch(es), {len(state.live)} running; "
+               f"output {spec.output.path}")
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), help="Output Parquet path (overrides [output] path).")
+@click.option("--base-url", help="Endpoint base URL (overrides [endpoint] base_url).")
+@_funnel
+def cancel(job: str, output: str | None, base_url: str | None) -> int:
+    """Cancel the running batches of JOB. The next `runner run JOB` joins what they finished."""
+    from .batch.api import BatchApiError
+    from .batch.driver import load_state
+
+    spec = _load(job, output=output, base_url=base_url)
+    live = load_state(spec).live
+    if not live:
+        click.echo(f"no running batches for {spec.output.path}")
+        return EXIT_OK
+
+    async def cancel_all(api):
+        for record in live:
+            try:
+                record.update(await api.cancel(record.batch_id))
+                click.echo(f"{record.name}: {record.batch_id} {record.status}")
+            except BatchApiError as error:
+                click.echo(f"{record.name}: {record.batch_id} not cancelled ({error.message})")
+
+    _batch_api_call(spec, cancel_all)
+    click.echo(f"run `runner run {job}` to join what they finished; their other rows are recorded as cancelled",
+               err=True)
     return EXIT_OK
 
 

@@ -60,6 +60,17 @@ def base_url(endpoint: "EndpointSpec") -> str:
     return resolve_host(endpoint.region, endpoint.workspace) + DIALECT_ROOTS[endpoint.dialect]
 
 
+def batch_base_url(endpoint: "EndpointSpec") -> str:
+    """Where the files and batches API lives: compatible mode on the job's host, whatever its dialect
+    (API facts 7.1), e.g. https://dashscope-intl.aliyuncs.com/compatible-mode/v1."""
+    if endpoint.dialect == "openai":
+        return base_url(endpoint)
+    if endpoint.base_url:
+        url = endpoint.base_url.rstrip("/")
+        return url.removesuffix(DIALECT_ROOTS["dashscope"]) + DIALECT_ROOTS["openai"]
+    return resolve_host(endpoint.region, endpoint.workspace) + DIALECT_ROOTS["openai"]
+
+
 def chat_url(endpoint: "EndpointSpec") -> str:
     return base_url(endpoint) + CHAT_PATHS[endpoint.dialect]
 

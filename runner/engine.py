@@ -137,7 +137,7 @@ async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop:
             for request in source:
                 counts.rows_seen += 1
                 if request.row_id in done:
-                    if done.digest(request.row_id) == request.digest():
+                    if done.matches(request.row_id, request.digest()):
                         if counts.rows_seen % 1024 == 0:
                             await anyio.lowlevel.checkpoint()  # a long done prefix must not starve the loop
                         continue
@@ -280,19 +280,30 @@ def _first_runner_error(group: BaseExceptionGroup) -> BaseException:
 async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: httpx.AsyncBaseTransport | None = None,
                   sleep: Callable[[float], Awaitable[None]] = anyio.sleep, on_result: ResultCallback | None = None,
                   on_start: StartCallback | None = None, on_notice: NoticeCallback | None = None,
-                  overwrite: bool = False, restart: bool = False, retry_failed: str = "transient",
+                  overwrite: bool = False, restart: bool = False, retry_failed: str | None = None,
                   handle_signals: bool = False, environ: Mapping[str, str] | None = None) -> RunSummary:
     """Run a job to completion, or resume it; returns its summary.
 
-    Raises RunnerError for run-level failures, and Interrupted when `handle_signals` is set and a
-    SIGINT/SIGTERM stopped the run (everything finished before it is committed).
+    `retry_failed` (which failed rows of an earlier run are sent again) defaults to "transient" online
+    and to "none" in batch mode, where a row is sent again only on request. Raises RunnerError for
+    run-level failures, and Interrupted when `handle_signals` is set and a SIGINT/SIGTERM stopped the
+    run (everything finished before it is committed).
     """
+    if spec.run.mode == "batch":
+        from .batch import run_batch_job
+
+        return await run_batch_job(spec, api_key=api_key, transport=transport, sleep=sleep, on_result=on_result,
+                                   on_start=on_start, on_notice=on_notice, overwrite=overwrite, restart=restart,
+                                   retry_failed=retry_failed or "none", handle_signals=handle_signals,
+                                   environ=environ)
+    reopen = retry_failed in ("transient", "all")  # asked for by name: a finished output may be reopened
+    retry_failed = retry_failed or "transient"
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     if api_key is None:
         api_key = resolve_api_key(spec.endpoint, environ)
     sink = ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
                        part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds,
-                       overwrite=overwrite, restart=restart, retry_failed=retry_failed)
+                       overwrite=overwrite, restart=restart, retry_failed=retry_failed, reopen=reopen)
     prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices)
     spend = None
     if spec.run.max_cost is not None:
@@ -306,7 +317,8 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
                          total_rows=source.total)
     if sink.done and on_notice:
         recovered = f" ({sink.recovered_from_journal:,} recovered from the journal)" if sink.recovered_from_journal else ""
-        on_notice(f"resuming: {len(sink.done):,} rows already done{recovered}")
+        on_notice(f"{'reopened the finished output' if sink.reopened else 'resuming'}: {len(sink.done):,} rows "
+                  f"already done{recovered}")
     policy = RetryPolicy.from_spec(spec)
     concurrency = spec.run.concurrency
     counts = _Counts()

@@ -65,6 +65,7 @@ class Result:
     key: str
     model: str
     status: str  # "ok" or "error"
+    mode: str = "online"  # how the row was sent: "online" (one request) or "batch" (the Batch API)
     kept: Mapping[str, Any] = field(default_factory=dict)
     response: str | None = None
     reasoning: str | None = None
@@ -90,6 +91,7 @@ class Result:
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+MODES = ("online", "batch")
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -108,6 +110,7 @@ RESULT_FIELDS = (
     pa.field("cost", pa.float64()),
     pa.field("request_id", pa.string()),
     pa.field("status", pa.string()),
+    pa.field("mode", pa.string()),
     pa.field("error_type", pa.string()),
     pa.field("error_code", pa.string()),
     pa.field("error_message", pa.string()),
@@ -148,6 +151,7 @@ def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
         "cost": [r.cost for r in results],
         "request_id": [r.request_id for r in results],
         "status": [r.status for r in results],
+        "mode": [r.mode for r in results],
         "error_type": [r.error_type for r in results],
         "error_code": [r.error_code for r in results],
         "error_message": [r.error_message for r in results],

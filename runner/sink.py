@@ -38,8 +38,13 @@ RETRY_FAILED = ("transient", "all", "none")
 TRANSIENT_ERRORS = frozenset({"TransientCallError", "Throttled"})
 
 
+ANY_DIGEST = 2  # a row answered for a request we no longer know (a reopened output): any request matches
+FINGERPRINT_KEY = b"runner.fingerprint"  # in the output's Parquet metadata, to reopen it safely
+
+
 class DoneRows:
-    """Row id -> the request digest it was answered for (0: not done). 8 bytes a row, dense."""
+    """Row id -> the request digest it was answered for (0: not done). 8 bytes a row, dense.
+    Request digests are odd, so the even ANY_DIGEST never equals one."""
 
     def __init__(self) -> None:
         self._digests = array("q")
@@ -59,6 +64,11 @@ class DoneRows:
 
     def digest(self, row_id: int) -> int:
         return self._digests[row_id] if row_id < len(self._digests) else 0
+
+    def matches(self, row_id: int, digest: int) -> bool:
+        """Whether the row is done for this request (so it is not sent again)."""
+        done = self.digest(row_id)
+        return done == digest or done == ANY_DIGEST
 
     def __contains__(self, row_id: int) -> bool:
         return self.digest(row_id) != 0
@@ -103,7 +113,7 @@ class ParquetSink:
 
     def __init__(self, output: Path, schema: pa.Schema, *, fingerprint: Mapping[str, str],
                  part_rows: int = 1000, part_seconds: float = 5.0, overwrite: bool = False,
-                 restart: bool = False, retry_failed: str = "transient",
+                 restart: bool = False, retry_failed: str = "transient", reopen: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if retry_failed not in RETRY_FAILED:
             raise ValueError(f"retry_failed must be one of {RETRY_FAILED}")
@@ -125,19 +135,22 @@ class ParquetSink:
         self.done = DoneRows()
         self.done_cost = 0.0  # what the rows already done cost, so a budget covers the whole job
         self.recovered_from_journal = 0
-        self._open(overwrite=overwrite, restart=restart)
+        self.reopened = False  # the finished output was taken back as the first part
+        self._open(overwrite=overwrite, restart=restart, reopen=reopen)
 
     # -- opening and resuming ----------------------------------------------------------------
-    def _open(self, *, overwrite: bool, restart: bool) -> None:
+    def _open(self, *, overwrite: bool, restart: bool, reopen: bool) -> None:
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(self.output.parent, os.W_OK):
                 raise PermissionError(13, "Permission denied")
         except OSError as exc:
             raise SinkError(f"{self.output.parent}: output folder is not writable ({exc.strerror or exc})") from None
-        if self.output.exists() and not overwrite:
+        reopening = self.output.exists() and not overwrite
+        if reopening and not reopen:
             raise SinkError(f"{self.output}: output already exists (a finished run)",
-                            hint="pass --overwrite to run the job again and replace it, or choose another --output")
+                            hint="pass --retry-failed transient (or all) to send its failed rows again, --overwrite "
+                                 "to run the whole job again and replace it, or choose another --output")
         try:
             self.parts_dir.mkdir(exist_ok=True)
         except OSError as exc:
@@ -149,13 +162,37 @@ class ParquetSink:
             manifest_path = self.parts_dir / MANIFEST
             if manifest_path.exists():
                 self._check_manifest(manifest_path)
-                self._load_parts()
             else:
                 self._clear_parts()  # parts without a manifest are not ours to trust
+                if reopening:
+                    self._take_back_output()
                 self._write_manifest(manifest_path)
+            self._load_parts()
         except BaseException:
             self._release_lock()
             raise
+
+    def _take_back_output(self) -> None:
+        """Make the finished output the first part of a new run (to send its failed rows again). It stays in
+        place, linked, until the new merge replaces it."""
+        try:
+            metadata = pq.read_schema(self.output).metadata or {}
+        except (OSError, pa.ArrowException) as exc:
+            raise SinkError(f"{self.output}: cannot read the finished output ({exc})") from None
+        previous = json.loads(metadata.get(FINGERPRINT_KEY, b"null"))
+        if previous != self.fingerprint:
+            changed = sorted(k for k in set(previous or {}) | set(self.fingerprint)
+                             if (previous or {}).get(k) != self.fingerprint.get(k))
+            detail = f"it was written for a different job ({', '.join(changed)} changed)" if previous else \
+                "it does not record which job wrote it"
+            raise SinkError(f"{self.output}: cannot send its failed rows again: {detail}",
+                            hint="pass --overwrite to run the whole job again, or choose another --output")
+        first = self.parts_dir / "part-000000.parquet"
+        try:
+            os.link(self.output, first)
+        except OSError:
+            shutil.copyfile(self.output, first)
+        self.reopened = True
 
     def _take_lock(self) -> None:
         path = self.parts_dir / LOCK
@@ -213,7 +250,9 @@ class ParquetSink:
         for path in sorted(self.parts_dir.glob("part-*.parquet")):
             try:
                 seq = int(path.stem.split("-")[1])
-                table = pq.read_table(path, columns=["row_id", "status", "error_type", "request_hash", "cost"])
+                names = pq.read_schema(path).names
+                columns = ["row_id", "status", "error_type", "cost"] + (["request_hash"] if "request_hash" in names else [])
+                table = pq.read_table(path, columns=columns)
             except (ValueError, IndexError, OSError, pa.ArrowException):
                 path.rename(path.with_name(path.name + ".corrupt"))  # kept for inspection, never trusted
                 continue
@@ -223,9 +262,10 @@ class ParquetSink:
             self.done_cost += sum(c for c in table.column("cost").to_pylist() if c)
             for row_id, status, error_type, digest in zip(rows, table.column("status").to_pylist(),
                                                           table.column("error_type").to_pylist(),
-                                                          table.column("request_hash").to_pylist()):
+                                                          table.column("request_hash").to_pylist()
+                                                          if "request_hash" in columns else [None] * len(rows)):
                 if self._is_done(status, error_type):
-                    self.done.add(row_id, digest or 0)
+                    self.done.add(row_id, ANY_DIGEST if digest is None else digest)
                 else:
                     self.done.discard(row_id)
             self._parts.append(Part(seq, path, min(rows), max(rows)))
@@ -281,6 +321,18 @@ class ParquetSink:
             self._journal.discard()
             self._journal = None
 
+    def commit(self, results: list[Result]) -> None:
+        """Commit a whole set of results as one part at once (a batch's answers, read from files that
+        are kept until this returns, so they need no journal)."""
+        self.flush()
+        if not results:
+            return
+        path = self.parts_dir / f"part-{self._next_seq:06d}.parquet"
+        try:
+            self._parts.append(self._write_part(results, path))
+        except OSError as exc:
+            raise self._disk_error(path, exc) from None
+
     def _write_part(self, results: list[Result], path: Path) -> Part:
         results = sorted(results, key=lambda r: r.row_id)
         _write_atomic(results_to_table(results, self.part_schema), path)
@@ -300,7 +352,9 @@ class ParquetSink:
         written = 0
         last_row = -1
         try:
-            with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+            stamped = self.schema.with_metadata({**(self.schema.metadata or {}),
+                                                 FINGERPRINT_KEY: json.dumps(self.fingerprint, sort_keys=True)})
+            with pq.ParquetWriter(tmp, stamped, compression="zstd") as writer:
                 for low in range(0, expected_rows, MERGE_WINDOW_ROWS):
                     window = self._merge_window(low, min(low + MERGE_WINDOW_ROWS, expected_rows))
                     if window.num_rows:

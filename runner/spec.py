@@ -21,6 +21,11 @@ from .errors import SpecError
 from .records import RESERVED_COLUMNS
 
 DIALECTS = ("openai", "dashscope")
+MODES = ("online", "batch")
+# Batch API limits (API facts 7.2, 7.3): the defaults, and the ceilings a job may not raise them above.
+BATCH_MAX_LINES = 50_000
+BATCH_MAX_BYTES = 500 * 1024 * 1024
+BATCH_MAX_DESCRIPTION = 200
 TRANSPORTS = ("aiohttp", "httpx")
 
 
@@ -91,6 +96,13 @@ class RunSpec:
     cooldown_seconds: float = 0.25
     retry_budget: float = 1.0
     max_cost: float | None = None
+    mode: str = "online"
+    completion_window: str = "24h"
+    batch_fallback_after: float | None = None  # seconds after the first batch is created; None: never
+    batch_poll_seconds: float = 60.0  # the longest wait between two status checks
+    batch_max_lines: int = BATCH_MAX_LINES
+    batch_max_bytes: int = BATCH_MAX_BYTES
+    batch_description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,8 @@ class JobSpec:
         """A copy with CLI values applied; keys whose value is None were not given and change nothing."""
         spec = self
         sections = {"concurrency": "run", "limit": "run", "max_error_rate": "run", "max_attempts": "run",
-                    "rpm": "run", "tpm": "run", "max_cost": "run",
+                    "rpm": "run", "tpm": "run", "max_cost": "run", "mode": "run",
+                    "batch_poll_seconds": "run",
                     "base_url": "endpoint", "dialect": "endpoint", "api_key_env": "endpoint"}
         for name, value in given.items():
             if value is None:
@@ -148,6 +161,10 @@ def _check_override(name: str, value: Any) -> None:
         raise SpecError(f"{where}: expected an integer >= 0, got {value}")
     if name == "max_error_rate" and not 0 <= value <= 1:
         raise SpecError(f"{where}: expected a number from 0 to 1, got {value}")
+    if name == "mode" and value not in MODES:
+        raise SpecError(f"{where}: expected one of {', '.join(MODES)}, got {value!r}")
+    if name == "batch_poll_seconds" and value <= 0:
+        raise SpecError(f"{where}: expected a number > 0, got {value}")
     if name == "dialect" and value not in DIALECTS:
         raise SpecError(f"{where}: expected one of {', '.join(DIALECTS)}, got {value!r}")
 
@@ -194,7 +211,9 @@ _SECTIONS: dict[str, dict[str, str]] = {
             "retry_after_max": _NUM, "max_error_rate": _NUM, "limit": _INT, "part_rows": _INT,
             "part_seconds": _NUM, "drain_seconds": _NUM, "rpm": _NUM, "tpm": _NUM, "limits": "a table",
             "adaptive_rate": _BOOL, "expected_output_tokens": _INT, "cooldown_seconds": _NUM,
-            "retry_budget": _NUM, "max_cost": _NUM},
+            "retry_budget": _NUM, "max_cost": _NUM, "mode": _STR, "completion_window": _STR,
+            "batch_fallback_after": _STR, "batch_poll_seconds": _NUM, "batch_max_lines": _INT,
+            "batch_max_bytes": _INT, "batch_description": _STR},
     "output": {"path": _STR},
 }
 
@@ -366,12 +385,63 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         retry_budget=float(positive("run", "retry_budget", 1.0)),
         max_cost=positive("run", "max_cost", None),
     )
+    run = _batch_settings(run, get, positive, fail)
     if run.max_error_rate > 1:
         _raise(fail("run", "max_error_rate", f"expected a number from 0 to 1, got {run.max_error_rate}"))
 
     # [output]
     output = OutputSpec(_parquet_path(_join(base, require("output", "path"))))
     return JobSpec(source=source, input=inp, endpoint=endpoint, model=model, run=run, output=output)
+
+
+def _batch_settings(run: RunSpec, get, positive, fail) -> RunSpec:
+    """The [run] keys of batch mode, checked against the Batch API's own limits (API facts 7.2, 7.3)."""
+    mode = get("run", "mode", "online")
+    if mode not in MODES:
+        _raise(fail("run", "mode", f"expected one of {', '.join(MODES)}, got {mode!r}"))
+    window = get("run", "completion_window", "24h")
+    try:
+        window_seconds = parse_duration(window, units="hd")
+    except ValueError as exc:
+        _raise(fail("run", "completion_window", str(exc)))
+    if not window[:-1].isdigit() or not 24 * 3600 <= window_seconds <= 336 * 3600:
+        _raise(fail("run", "completion_window", f"expected from 24h to 336h (or 1d to 14d), got {window!r}"))
+    fallback = get("run", "batch_fallback_after")
+    if fallback is not None:
+        try:
+            fallback = parse_duration(fallback)
+        except ValueError as exc:
+            _raise(fail("run", "batch_fallback_after", str(exc)))
+    lines = positive("run", "batch_max_lines", BATCH_MAX_LINES)
+    if lines > BATCH_MAX_LINES:
+        _raise(fail("run", "batch_max_lines", f"the Batch API takes at most {BATCH_MAX_LINES:,} lines a file, got {lines:,}"))
+    size = positive("run", "batch_max_bytes", BATCH_MAX_BYTES)
+    if size > BATCH_MAX_BYTES:
+        _raise(fail("run", "batch_max_bytes", f"the Batch API takes files of at most {BATCH_MAX_BYTES:,} bytes, got {size:,}"))
+    description = get("run", "batch_description")
+    if description is not None and len(description) > BATCH_MAX_DESCRIPTION:
+        _raise(fail("run", "batch_description", f"at most {BATCH_MAX_DESCRIPTION} characters, got {len(description)}"))
+    return dataclasses.replace(run, mode=mode, completion_window=window, batch_fallback_after=fallback,
+                               batch_poll_seconds=float(positive("run", "batch_poll_seconds", 60.0)),
+                               batch_max_lines=lines, batch_max_bytes=size, batch_description=description)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, *, units: str = "smhd") -> float:
+    """ "90s", "15m", "6h", "1d" (or "1.5h") -> seconds; ValueError naming what is expected."""
+    allowed = ", ".join(f'"{n}{u}"' for n, u in zip((30, 15, 6, 1), "smhd") if u in units)
+    value = text.strip().lower()
+    try:
+        if not value or value[-1] not in units:
+            raise ValueError
+        number = float(value[:-1])
+    except ValueError:
+        raise ValueError(f"expected a duration such as {allowed}, got {text!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"expected a duration > 0, got {text!r}")
+    return number * _DURATION_UNITS[value[-1]]
 
 
 def _model_limits(table: Mapping[str, Any], fail) -> dict[str, tuple[float | None, float | None]]:

@@ -15,6 +15,7 @@ from .cost import PER_TOKENS, PriceBook
 from .endpoints import request_headers
 from .tokens import estimate_prompt_tokens, output_reserve
 from .endpoints import chat_url
+from .batch.render import MAX_LINE_BYTES, encode_line
 from .sources import open_source
 from .spec import JobSpec
 
@@ -42,6 +43,7 @@ class ValidationReport:
     unpriced_models: set = field(default_factory=set)
     output_exists: bool = False
     unfinished_run: bool = False
+    batch_files: Counter = field(default_factory=Counter)  # batch mode: (model, enable_thinking) -> files
 
     def render(self) -> str:
         spec = self.spec
@@ -58,9 +60,15 @@ class ValidationReport:
         ]
         lines.append(f"tokens     ~{self.input_tokens:,} input (estimated), {self.output_tokens_expected:,} expected "
                      f"and at most {self.output_tokens_max:,} output")
+        if spec.run.mode == "batch":
+            lines.append(f"batch      {sum(self.batch_files.values()):,} file(s) for the Batch API: "
+                         + ", ".join(f"{model}{' (thinking)' if thinking else ''} {n}"
+                                     for (model, thinking), n in sorted(self.batch_files.items(), key=str))
+                         + f"; completion window {spec.run.completion_window}")
         if self.cost_low is not None:
             lines.append(f"cost       {self.cost_low:,.4f} - {self.cost_high:,.4f} {self.currency} estimated "
-                         f"({spec.endpoint.region} prices as of {self.prices_as_of})"
+                         f"({spec.endpoint.region} {'batch ' if spec.run.mode == 'batch' else ''}prices as of "
+                         f"{self.prices_as_of})"
                          + (f"; budget {spec.run.max_cost:g}" if spec.run.max_cost else ""))
         if self.unpriced_models:
             lines.append(f"warning    no price for {', '.join(sorted(self.unpriced_models))}: not in the estimate "
@@ -92,7 +100,9 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     build_payload = DIALECTS[spec.endpoint.dialect].build_payload
     streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
-    prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices)
+    batch = spec.run.mode == "batch"
+    prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices, batch=batch)
+    files = _BatchFileCount(spec) if batch else None
     report = ValidationReport(spec=spec, format=source.format, currency=prices.currency,
                               prices_as_of=prices.as_of)
     low = high = 0.0
@@ -126,21 +136,53 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
             low += (input_tokens * 0.8 * price.input + expected * price.output) / PER_TOKENS
             high += (input_tokens * 1.25 * price.input + int(cap) * price.output) / PER_TOKENS
         try:
-            stream = streaming.wants_stream(request.model, request.params)
-            size = len(json.dumps(build_payload(request, stream=stream), ensure_ascii=False, allow_nan=False).encode())
-            report.streamed += stream
+            if files is not None:
+                size = len(encode_line(request))
+            else:
+                stream = streaming.wants_stream(request.model, request.params)
+                size = len(json.dumps(build_payload(request, stream=stream), ensure_ascii=False,
+                                      allow_nan=False).encode())
+                report.streamed += stream
         except (TypeError, ValueError) as exc:
             report.invalid += 1
             if len(report.problems) < show:
                 report.problems.append(f"row_id {request.row_id}: the request cannot be sent as JSON ({exc})")
             continue
+        if files is not None and size > MAX_LINE_BYTES:
+            report.invalid += 1
+            if len(report.problems) < show:
+                report.problems.append(f"row_id {request.row_id} (key {request.key!r}): its Batch API line is "
+                                       f"{size:,} bytes; a line may be at most {MAX_LINE_BYTES:,}")
+            continue
+        if files is not None:
+            files.add(request, size)
         report.largest_body_bytes = max(report.largest_body_bytes, size)
     if report.rows > report.invalid and len(report.unpriced_models) < len(report.models):
         report.cost_low, report.cost_high = low, high
+    if files is not None:
+        report.batch_files = files.files
     report.api_key_present = bool(os.environ.get(spec.endpoint.api_key_env, "").strip())
     report.output_exists = spec.output.path.exists()
     report.unfinished_run = spec.output.path.with_name(spec.output.path.name + ".parts").exists()
     return report
+
+
+class _BatchFileCount:
+    """How the batch planner would split the rows into files (same caps, same grouping)."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.run = spec.run
+        self.open: dict[tuple, list[int]] = {}  # group -> [lines, bytes] of its last file
+        self.files: Counter = Counter()
+
+    def add(self, request, size: int) -> None:
+        group = (request.model, request.params.get("enable_thinking"))
+        current = self.open.get(group)
+        if current is None or current[0] >= self.run.batch_max_lines or current[1] + size > self.run.batch_max_bytes:
+            current = self.open[group] = [0, 0]
+            self.files[group] += 1
+        current[0] += 1
+        current[1] += size
 
 
 def write_dry_run(spec: JobSpec) -> tuple[Path, int]:
@@ -161,6 +203,14 @@ def write_dry_run(spec: JobSpec) -> tuple[Path, int]:
         for request in source:
             if request.problem is not None:
                 line = {"row_id": request.row_id, "key": request.key, "problem": request.problem}
+            elif spec.run.mode == "batch":  # the Batch JSONL line that would be uploaded
+                try:
+                    fh.write(encode_line(request).decode())
+                    count += 1
+                except (TypeError, ValueError) as exc:
+                    line = {"row_id": request.row_id, "key": request.key, "problem": f"not JSON ({exc})"}
+                    fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+                continue
             else:
                 stream = streaming.wants_stream(request.model, request.params)
                 line = {"row_id": request.row_id, "key": request.key, "method": "POST", "url": url,

@@ -202,8 +202,12 @@ def _list(store: BatchStore, query: Any) -> dict[str, Any]:
             raise not_found()
         ids = ids[ids.index(after) + 1 :]
     rows = []
+    # input_file_ids: up to 20, comma-separated (dashscope-api.md 7.3)
+    file_ids = set(query["input_file_ids"].split(",")) if query.get("input_file_ids") else None
     for batch_id in ids:
         batch = store.batches[batch_id]
+        if file_ids is not None and batch.input_file_id not in file_ids:
+            continue
         if "ds_name" in query and (batch.metadata or {}).get("ds_name") != query["ds_name"]:
             continue
         row = store.describe(batch)

@@ -18,6 +18,7 @@ batch_expire_after_fraction of the lines, with the finished lines delivered).
 from __future__ import annotations
 
 import math
+from collections import Counter
 import random
 import time
 import uuid
@@ -176,6 +177,7 @@ class BatchStore:
         self.rng = rng
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, Batch] = {}
+        self.line_attempts: Counter[str] = Counter()  # custom_id -> batches that held it so far
 
     # -- files ---------------------------------------------------------------------------
 
@@ -213,7 +215,9 @@ class BatchStore:
             n = len(order)
             for i, line in enumerate(order):
                 finished = self.time.stamp(running + (i + 1) / n * config.batch_phase_seconds)
-                results.append(answer_line(line, config, self.rng.getrandbits(128), finished or 0))
+                attempt = self.line_attempts[line.custom_id]
+                self.line_attempts[line.custom_id] += 1
+                results.append(answer_line(line, config, self.rng.getrandbits(128), finished or 0, attempt))
                 ok_prefix.append(ok_prefix[-1] + results[-1].ok)
         batch = Batch(
             id=f"batch_{uuid.UUID(int=self.rng.getrandbits(128), version=4)}",

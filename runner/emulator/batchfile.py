@@ -154,19 +154,20 @@ def processing_order(lines: list[InputLine], seed: int) -> list[InputLine]:
     return order
 
 
-def is_faulty(config: EmulatorConfig, custom_id: str) -> bool:
-    """Whether EmulatorConfig.batch_line_fault_rate sends this line to the error file.
-    Attempt 0 never collides with the chat endpoint's draws (those count from 1)."""
+def is_faulty(config: EmulatorConfig, custom_id: str, attempt: int = 0) -> bool:
+    """Whether EmulatorConfig.batch_line_fault_rate sends this line to the error file. `attempt` counts
+    the earlier batches that held this custom_id, so a line sent again gets a fresh draw. Negative
+    attempts never collide with the chat endpoint's draws (those count from 1)."""
     rate = config.batch_line_fault_rate
-    return rate > 0 and draw(config.seed, "batch\x1f" + custom_id, 0) < rate
+    return rate > 0 and draw(config.seed, "batch\x1f" + custom_id, -attempt) < rate
 
 
 def answer_line(
-    line: InputLine, config: EmulatorConfig, rid_bits: int, finished_at: int
+    line: InputLine, config: EmulatorConfig, rid_bits: int, finished_at: int, attempt: int = 0
 ) -> LineResult:
     """The output or error file line for one request, as the chat endpoint would answer it."""
     rid = new_request_id(rid_bits)
-    if is_faulty(config, line.custom_id):
+    if is_faulty(config, line.custom_id, attempt):
         return _error_line(line.custom_id, rid, ApiError("500"))
     # A batch never streams: stream flags in a body are ignored.
     body = {k: v for k, v in line.body.items() if k not in ("stream", "stream_options")}
