@@ -313,3 +313,24 @@ def test_batch_prices_are_half_the_online_estimate(tmp_path):
 
     online, batch = cost_line(), cost_line("--mode", "batch")
     assert batch == pytest.approx((online[0] / 2, online[1] / 2), rel=0.02)
+
+
+def test_max_cost_counts_each_batch_worst_case_before_it_is_created(tmp_path, make_emulator):
+    emu = make_emulator(batch_time_scale=100.0, batch_phase_seconds=10.0)
+    write_prompts(tmp_path / "prompts.jsonl", 300)
+    job = make_job(tmp_path, emu, model={"max_tokens": 20}, run={"mode": "batch", "batch_poll_seconds": 0.05})
+    spec = load_job(job)
+    from runner.sources import open_source
+
+    prices = PriceBook("singapore", job_model="qwen-plus", overrides={}, batch=True)
+    worst = [prices.worst_case(r) for r in open_source(spec.input, spec.model)]
+    budget = sum(worst[:120]) + worst[120] / 2  # room for the first 120 rows only
+    first = run_cli("run", str(job), "--max-cost", repr(budget))
+    assert first.code == 1 and "180 rows were not sent" in first.stderr, first.stderr
+    assert emu.stats(keys=False)["batches"]["lines"] == 120
+    second = run_cli("run", str(job), "--max-cost", "1")
+    assert second.code == 0, second.stderr
+    table = pq.read_table(tmp_path / "out" / "result.parquet").to_pylist()
+    assert [r["row_id"] for r in table] == list(range(300)) and {r["status"] for r in table} == {"ok"}
+    assert sum(r["cost"] for r in table[:120]) <= budget
+    assert emu.stats(keys=False)["batches"] == {"created": 2, "by_status": {"completed": 2}, "lines": 300}

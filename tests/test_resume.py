@@ -173,3 +173,32 @@ def test_corrupt_part_rows_are_redone(tmp_path, make_emulator):
     assert result.code == 0, result.stderr
     rows = read_output(tmp_path / "out/result.parquet")
     assert [r["row_id"] for r in rows] == list(range(400)) and all(r["status"] == "ok" for r in rows)
+
+
+def test_retry_failed_by_name_reopens_a_finished_output(tmp_path, make_emulator):
+    """A finished output with failed rows: `--retry-failed transient` sends only those rows again and rewrites
+    it; a plain rerun still refuses to touch it, and a different job may not reopen it."""
+    failing = make_emulator(faults={"500": 0.3})
+    write_prompts(tmp_path / "prompts.jsonl", 200)
+    job = make_job(tmp_path, failing, run={"max_attempts": 1, "max_error_rate": 1.0})
+    assert run_cli("run", str(job), "--quiet").code == 0
+    out = tmp_path / "out/result.parquet"
+    failed = [r["row_id"] for r in read_output(out) if r["status"] == "error"]
+    assert 20 < len(failed) < 120
+    plain = run_cli("run", str(job), "--quiet")
+    assert plain.code == 1 and "--retry-failed transient" in plain.stderr
+    other_model = run_cli("run", str(job), "--retry-failed", "transient", "--model", "qwen-max", "--quiet")
+    assert other_model.code == 1 and "different job (model changed)" in other_model.stderr
+
+    healthy = make_emulator()
+    again = run_cli("run", str(job), "--retry-failed", "transient", "--base-url", healthy.openai_base_url)
+    assert again.code == 1 and "different job (endpoint changed)" in again.stderr
+    failing.stop()
+    with Emulator(EmulatorConfig(), port=failing.port) as same_address:
+        again = run_cli("run", str(job), "--retry-failed", "transient")
+        assert again.code == 0, again.stderr
+        assert "reopened the finished output" in again.stderr
+        assert same_address.stats(keys=False)["requests"] == len(failed)
+    rows = read_output(out)
+    assert [r["row_id"] for r in rows] == list(range(200)) and {r["status"] for r in rows} == {"ok"}
+    assert not out.with_name(out.name + ".parts").exists()
