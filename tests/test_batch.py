@@ -334,3 +334,19 @@ def test_max_cost_counts_each_batch_worst_case_before_it_is_created(tmp_path, ma
     assert [r["row_id"] for r in table] == list(range(300)) and {r["status"] for r in table} == {"ok"}
     assert sum(r["cost"] for r in table[:120]) <= budget
     assert emu.stats(keys=False)["batches"] == {"created": 2, "by_status": {"completed": 2}, "lines": 300}
+
+
+def test_a_native_dialect_job_uses_the_compatible_batch_endpoints(tmp_path, make_emulator):
+    emu = make_emulator(batch_time_scale=100.0, batch_phase_seconds=10.0)
+    write_prompts(tmp_path / "prompts.jsonl", 40)
+    spec = load_job(make_job(tmp_path, emu, dialect="dashscope", run={"mode": "batch", "batch_poll_seconds": 0.05}))
+    summary = anyio.run(lambda: run_job(spec, api_key=ApiKey("sk-test")))
+    assert summary.ok == 40 and emu.stats(keys=False)["batches"]["created"] == 1
+
+
+def test_quickstart_rehearses_batch_mode_on_the_emulator(tmp_path):
+    result = run_cli("run", "jobs/quickstart.toml", "--mode", "batch", "--emulator", "--output",
+                     str(tmp_path / "qs.parquet"), key=None)
+    assert result.code == 0, result.stderr
+    assert "created batch_" in result.stderr and "rows       200  ok 200  failed 0" in result.stderr
+    assert set(pq.read_table(tmp_path / "qs.parquet").column("mode").to_pylist()) == {"batch"}
