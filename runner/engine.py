@@ -296,6 +296,9 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
                                    on_start=on_start, on_notice=on_notice, overwrite=overwrite, restart=restart,
                                    retry_failed=retry_failed or "none", handle_signals=handle_signals,
                                    environ=environ)
+    from .batch.driver import guard_pending_batches
+
+    guard_pending_batches(spec, restart=restart, online=True)
     reopen = retry_failed in ("transient", "all")  # asked for by name: a finished output may be reopened
     retry_failed = retry_failed or "transient"
     source = open_source(spec.input, spec.model, limit=spec.run.limit)

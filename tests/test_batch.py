@@ -14,7 +14,7 @@ import pytest
 from runner.batch import render
 from runner.batch.api import BatchApi
 from runner.batch.join import join_batch, parse_line
-from runner.batch.render import covered_rows, custom_id, plan_batches, row_id_of
+from runner.batch.render import RowSet, covered_rows, custom_id, plan_batches, row_id_of
 from runner.batch.state import BatchRecord, BatchState
 from runner.cost import PriceBook
 from runner.endpoints import ApiKey, batch_base_url
@@ -86,7 +86,7 @@ def request(row_id: int, model: str = "qwen-plus", text: str = "hi", **params) -
 def plan(tmp_path, requests, *, done=None, covered=(), **run):
     state = BatchState(tmp_path, [])
     unsent = []
-    result = plan_batches(requests, done=done or DoneRows(), covered=set(covered), state=state,
+    result = plan_batches(requests, done=done or DoneRows(), covered=RowSet(covered), state=state,
                           run=RunSpec(**run), kept_fields=(pa.field("n", pa.int64()),), write_unsent=unsent.append,
                           prices=PriceBook("singapore", job_model="qwen-plus", overrides={}, batch=True))
     return state, unsent, result
@@ -134,7 +134,8 @@ def test_rows_done_or_in_a_pending_batch_are_not_planned_and_bad_rows_become_err
     assert [(r.row_id, r.error_code, r.mode) for r in unsent] == [(3, "invalid_row", "batch"),
                                                                   (5, "batch_line_too_large", "batch")]
     assert "row_id 5 (key 'k5')" in unsent[1].error_message and "at most 300" in unsent[1].error_message
-    assert covered_rows(state) == {1, 2}
+    covered = covered_rows(state)
+    assert [i for i in range(10) if i in covered] == [1, 2] and len(covered) == 2 and 10**6 not in covered
 
 
 def test_custom_ids_carry_the_row_id():
@@ -248,7 +249,7 @@ def test_a_create_cut_off_mid_call_is_found_not_sent_again(tmp_path, make_emulat
         source = open_source(spec.input, spec.model)
         sink = ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec))
         state = BatchState(parts, [])
-        plan_batches(source, done=DoneRows(), covered=set(), state=state, run=spec.run,
+        plan_batches(source, done=DoneRows(), covered=RowSet(), state=state, run=spec.run,
                      kept_fields=source.kept_fields, write_unsent=sink.write,
                      prices=PriceBook("singapore", job_model="qwen-plus", overrides={}, batch=True))
         record = state.records[0]
@@ -350,3 +351,18 @@ def test_quickstart_rehearses_batch_mode_on_the_emulator(tmp_path):
     assert result.code == 0, result.stderr
     assert "created batch_" in result.stderr and "rows       200  ok 200  failed 0" in result.stderr
     assert set(pq.read_table(tmp_path / "qs.parquet").column("mode").to_pylist()) == {"batch"}
+
+
+def test_a_batch_the_api_refuses_records_its_rows_as_failed(tmp_path, make_emulator):
+    emu = make_emulator(batch_time_scale=100.0, batch_phase_seconds=10.0)
+    write_prompts(tmp_path / "prompts.jsonl", 20)
+    job = make_job(tmp_path, emu, model={"name": "qwen-not-in-batch"},
+                   run={"mode": "batch", "batch_poll_seconds": 0.05, "max_error_rate": 1.0})
+    result = run_cli("run", str(job))
+    assert result.code == 0, result.stderr
+    assert "the Batch API refused it" in result.stderr
+    rows = pq.read_table(tmp_path / "out" / "result.parquet").to_pylist()
+    assert {(r["status"], r["error_type"], r["error_code"]) for r in rows} == {
+        ("error", "PermanentCallError", "batch_rejected")}
+    assert "not supported by the Batch API" in rows[0]["error_message"]
+    assert emu.stats(keys=False)["batches"]["created"] == 0

@@ -139,9 +139,12 @@ def test_kill_after_creation_never_creates_a_second_batch(tmp_path):
         assert status.stdout.count("validating") == 3 and "3 batch(es), 3 running" in status.stdout
         listed = json.loads(run_cli("status", str(job), "--json").stdout)
         assert [b["rows"] for b in listed] == [250, 250, 100]
-        # --restart would orphan them: refused.
+        # --restart would orphan them, an online run would pay for their rows twice: both refused.
         restart = run_cli("run", str(job), "--restart", "--quiet")
         assert restart.code == 1 and "still running" in restart.stderr
+        online = run_cli("run", str(job), "--mode", "online", "--quiet")
+        assert online.code == 1 and "pay for them twice" in online.stderr
+        assert emu.stats(keys=False)["requests"] == 0
 
         clock.advance(1000)  # every batch completes
         rerun = run_cli("run", str(job), "--quiet")

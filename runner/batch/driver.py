@@ -46,6 +46,23 @@ def load_state(spec: JobSpec) -> BatchState:
     return BatchState.load(parts_dir_of(spec))
 
 
+def guard_pending_batches(spec: JobSpec, *, restart: bool, online: bool) -> None:
+    """Refuse what would pay for rows twice or lose batches: --restart while batches run, and an online
+    run while batches of this job have answers not joined yet."""
+    state = load_state(spec)
+    job = spec.source or "JOB"
+    if restart and state.live:
+        live = state.live
+        raise RunnerError(f"{spec.output.path}: {len(live)} batch(es) of this job are still running "
+                          f"({', '.join(r.batch_id or '' for r in live)}); --restart would lose them",
+                          hint=f"cancel them first with `runner cancel {job}`, or let them finish")
+    if online and not restart and state.pending:
+        raise RunnerError(f"{spec.output.path}: {len(state.pending)} batch(es) of this job are not joined yet; "
+                          "sending their rows online would pay for them twice",
+                          hint=f"run `runner run {job} --mode batch` to pick them up (or `runner cancel {job}` first), "
+                               "then --mode online with --retry-failed for what they did not answer")
+
+
 def batch_metadata(spec: JobSpec, record: BatchRecord) -> dict[str, str]:
     description = spec.run.batch_description or f"runner job {spec.name}: {record.name}, {record.rows} rows"
     return {"ds_name": spec.name[:DS_NAME_CHARS], "ds_description": description[:200]}
@@ -75,12 +92,7 @@ async def run_batch_job(spec: JobSpec, *, api_key: ApiKey | None = None,
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     if api_key is None:
         api_key = resolve_api_key(spec.endpoint, environ)
-    if restart:
-        live = load_state(spec).live
-        if live:
-            raise RunnerError(f"{spec.output.path}: {len(live)} batch(es) of this job are still running "
-                              f"({', '.join(r.batch_id or '' for r in live)}); --restart would lose them",
-                              hint="cancel them first with `runner cancel JOB`, or let them finish")
+    guard_pending_batches(spec, restart=restart, online=False)
     sink = ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
                        part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds,
                        overwrite=overwrite, restart=restart, retry_failed=retry_failed,

@@ -115,6 +115,10 @@ def join_batch(record: BatchRecord, folder: Path, prices: PriceBook) -> list[Res
 
 
 def _not_run(record: BatchRecord, line_error: dict[str, Any] | None) -> CallError:
+    if record.status == "rejected":  # the create call was refused (e.g. a model the Batch API does not serve)
+        first = (record.errors or [{}])[0]
+        return PermanentCallError(str(first.get("message") or "the Batch API refused the batch"),
+                                  code="batch_rejected")
     if line_error is not None:  # validation named this line: sending it again the same way fails again
         return PermanentCallError(str(line_error.get("message") or "the Batch API refused this line"),
                                   code=str(line_error.get("code") or "batch_invalid_line"))

@@ -115,7 +115,27 @@ class Plan:
     over_budget: int = 0  # rows left out because their worst case would cross [run] max_cost
 
 
-def plan_batches(requests: Iterable[Request], *, done: DoneRows, covered: set[int], state: BatchState,
+class RowSet:
+    """A set of row ids as one byte a row (a million rows in a megabyte, where a set of ints takes ~60)."""
+
+    def __init__(self, row_ids: Iterable[int] = ()) -> None:
+        self._flags = bytearray()
+        for row_id in row_ids:
+            self.add(row_id)
+
+    def add(self, row_id: int) -> None:
+        if row_id >= len(self._flags):
+            self._flags.extend(bytes(max(row_id + 1 - len(self._flags), len(self._flags))))
+        self._flags[row_id] = 1
+
+    def __contains__(self, row_id: int) -> bool:
+        return row_id < len(self._flags) and self._flags[row_id] == 1
+
+    def __len__(self) -> int:
+        return self._flags.count(1)
+
+
+def plan_batches(requests: Iterable[Request], *, done: DoneRows, covered: RowSet, state: BatchState,
                  run: RunSpec, kept_fields: tuple[pa.Field, ...], write_unsent: Callable[[Result], None],
                  prices: PriceBook, budget_left: float | None = None) -> Plan:
     """Write every row that is neither done nor in a pending batch into batch files, recorded in `state`
@@ -177,10 +197,11 @@ def plan_batches(requests: Iterable[Request], *, done: DoneRows, covered: set[in
     return plan
 
 
-def covered_rows(state: BatchState) -> set[int]:
+def covered_rows(state: BatchState) -> RowSet:
     """Row ids in batches whose answers are not joined yet: never planned into a second batch."""
-    rows: set[int] = set()
+    rows = RowSet()
     for record in state.pending:
         path = record.rows_path(state.folder)
-        rows.update(pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist())
+        for row_id in pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist():
+            rows.add(row_id)
     return rows

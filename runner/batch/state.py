@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SinkError
+
 STATE_FILE = "batch-state.json"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
@@ -106,8 +108,12 @@ class BatchState:
         path = folder / STATE_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return cls(folder, [])
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"{path}: cannot read the batch state ({exc})",
+                            hint="it records the batches this job created; restore it, or check them with the "
+                                 "console before using --restart") from None
         fields = {f.name for f in dataclasses.fields(BatchRecord)}
         records = [BatchRecord(**{k: v for k, v in item.items() if k in fields}) for item in data.get("batches", ())]
         return cls(folder, records, data.get("first_created_at"))
