@@ -29,6 +29,7 @@ class RunSummary:
     attempts: int = 0              # requests sent, retries included
     errors: Counter = field(default_factory=Counter)        # (error_type, error_code) -> rows
     finish_reasons: Counter = field(default_factory=Counter)
+    modes: Counter = field(default_factory=Counter)          # "online" / "batch" -> rows
     input_tokens: int = 0
     output_tokens: int = 0
     total_tokens: int = 0
@@ -42,6 +43,7 @@ class RunSummary:
 
     def add(self, result: Result) -> None:
         self.rows += 1
+        self.modes[result.mode] += 1
         self.attempts += result.attempts
         if result.ok:
             self.ok += 1
@@ -89,6 +91,7 @@ class RunSummary:
             "skipped_already_done": self.skipped_done,
             "error_rate": round(self.error_rate, 6),
             "requests_sent": self.attempts,
+            "rows_by_mode": dict(self.modes.most_common()),
             "errors": [{"error_type": t, "error_code": c or None, "rows": n}
                        for (t, c), n in self.errors.most_common()],
             "finish_reasons": dict(self.finish_reasons.most_common()),
@@ -112,7 +115,9 @@ class RunSummary:
         lines = [
             f"rows       {d['rows']:,}  ok {d['ok']:,}  failed {d['failed']:,}"
             + (f"  (skipped {d['skipped_already_done']:,} already done)" if d["skipped_already_done"] else ""),
-            f"requests   {d['requests_sent']:,} sent (retries included)",
+            f"requests   {d['requests_sent']:,} sent (retries included)"
+            + (f"; rows by mode: " + ", ".join(f"{m} {n:,}" for m, n in self.modes.most_common())
+               if self.modes.get("batch") else ""),
             f"tokens     input {self.input_tokens:,}  output {self.output_tokens:,}  total {self.total_tokens:,}"
             + (f"  cached {self.cached_tokens:,}" if self.cached_tokens else "")
             + (f"  reasoning {self.reasoning_tokens:,}" if self.reasoning_tokens else ""),
@@ -151,6 +156,7 @@ def _ms(value: float | None) -> str:
 
 SUMMARY_COLUMNS = ["status", "error_type", "error_code", "finish_reason", "attempts", "latency_ms", "cost", "input_tokens",
                    "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "started_at", "finished_at"]
+OPTIONAL_COLUMNS = ["mode"]  # not in outputs written before batch mode
 
 
 def summarize_file(path: str | Path) -> RunSummary:
@@ -171,10 +177,12 @@ def summarize_file(path: str | Path) -> RunSummary:
     if missing:
         raise SourceError(f"{path}: not a runner output (no column {', '.join(missing)})")
     summary = RunSummary(output=str(path))
-    for batch in parquet.iter_batches(columns=SUMMARY_COLUMNS, batch_size=65_536):
+    columns = SUMMARY_COLUMNS + [c for c in OPTIONAL_COLUMNS if parquet.schema_arrow.get_field_index(c) >= 0]
+    for batch in parquet.iter_batches(columns=columns, batch_size=65_536):
         for row in batch.to_pylist():
             summary.add(Result(
-                row_id=0, key="", model="", status=row["status"], finish_reason=row["finish_reason"],
+                row_id=0, key="", model="", status=row["status"], mode=row.get("mode") or "online",
+                finish_reason=row["finish_reason"],
                 usage=Usage(row["input_tokens"], row["output_tokens"], row["total_tokens"], row["cached_tokens"],
                             row["reasoning_tokens"]),
                 cost=row["cost"], error_type=row["error_type"], error_code=row["error_code"], attempts=row["attempts"] or 0,

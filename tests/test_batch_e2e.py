@@ -209,6 +209,8 @@ def test_expiry_with_partial_output_finishes_online(tmp_path, make_emulator):
     assert by_mode == {"batch": 400, "online": 600}
     stats = emu.stats(keys=False)
     assert stats["requests"] == 600 and stats["batches"]["by_status"] == {"expired": 1}
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert summary["rows_by_mode"] == {"online": 600, "batch": 400} and summary["ok"] == 1000
 
 
 def test_deadline_cancels_running_batches_and_finishes_online(tmp_path, make_emulator):
