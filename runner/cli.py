@@ -199,6 +199,15 @@ def status(job: str, output: str | None, base_url: str | None, offline: bool, as
         return EXIT_OK
     live = state.live
     if live and not offline:
+        from .endpoints import resolve_api_key
+        from .errors import SpecError
+
+        try:
+            resolve_api_key(spec.endpoint)
+        except SpecError:
+            offline = True
+            click.echo(f"{spec.endpoint.api_key_env} is not set: showing what the last run recorded", err=True)
+    if live and not offline:
         async def refresh(api):
             for record in live:
                 record.update(await api.retrieve(record.batch_id))
