@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner.emulator import Emulator, EmulatorConfig
-from tests.helpers import make_job, run_cli, start_cli, wait_until
+from tests.helpers import make_job, run_cli, start_cli, wait_until, write_prompts
 
 # What differs between two runs of the same job by design: ids, times, how the row was sent, its price.
 IGNORED = {"request_id", "started_at", "finished_at", "latency_ms", "time_to_first_token_ms", "mode", "cost"}
@@ -119,8 +119,6 @@ def test_kill_after_creation_never_creates_a_second_batch(tmp_path):
     clock = ManualClock()
     config = EmulatorConfig(batch_time_scale=1.0, batch_phase_seconds=100.0)
     with Emulator(config, clock=clock) as emu:
-        from tests.helpers import write_prompts
-
         write_prompts(tmp_path / "prompts.jsonl", 600)
         job = make_job(tmp_path, emu, run={**BATCH_RUN, "batch_max_lines": 250})
         out = tmp_path / "out" / "result.parquet"
@@ -165,8 +163,6 @@ def test_cancel_then_rerun_records_cancelled_rows_and_sends_them_on_request(tmp_
     clock = ManualClock()
     config = EmulatorConfig(batch_time_scale=1.0, batch_phase_seconds=100.0)
     with Emulator(config, clock=clock) as emu:
-        from tests.helpers import write_prompts
-
         write_prompts(tmp_path / "prompts.jsonl", 200)
         job = make_job(tmp_path, emu, run=BATCH_RUN)
         out = tmp_path / "out" / "result.parquet"
@@ -197,8 +193,6 @@ def test_cancel_then_rerun_records_cancelled_rows_and_sends_them_on_request(tmp_
 
 
 def test_expiry_with_partial_output_finishes_online(tmp_path, make_emulator):
-    from tests.helpers import write_prompts
-
     emu = make_emulator(batch_expire_after_fraction=0.4, **FAST_BATCHES)
     write_prompts(tmp_path / "prompts.jsonl", 1000)
     job = make_job(tmp_path, emu, run={**BATCH_RUN, "batch_fallback_after": "1d"})
@@ -217,8 +211,6 @@ def test_expiry_with_partial_output_finishes_online(tmp_path, make_emulator):
 
 
 def test_deadline_cancels_running_batches_and_finishes_online(tmp_path, make_emulator):
-    from tests.helpers import write_prompts
-
     # Real time: each phase lasts 2 s, so the batch is still validating at the 0.5 s deadline.
     emu = make_emulator(batch_time_scale=1.0, batch_phase_seconds=2.0)
     write_prompts(tmp_path / "prompts.jsonl", 300)
