@@ -97,6 +97,8 @@ def _load(job: str, **overrides: Any):
 def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_emulator: bool, quiet: bool,
         dry_run: bool, **overrides: Any) -> int:
     """Send every row of JOB and write the results to Parquet (resumes an unfinished run)."""
+    import gc
+
     import anyio
 
     from .engine import run_job
@@ -126,6 +128,10 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
         if not quiet:
             click.echo(f"rehearsing against the built-in emulator at {base}", err=True)
     progress = _Progress(enabled=not quiet and sys.stderr.isatty())
+    # The requests in flight hold a few hundred objects each, and a run leaves almost no cyclic garbage
+    # (about one object a row), so the default threshold (700 new objects) only had the GC walk the same
+    # live objects over and over: 2,400 collections and a third of the CPU for 20,000 rows at 1,024 in flight.
+    gc.set_threshold(50_000)
     try:
         summary = anyio.run(functools.partial(
             run_job, spec, api_key=api_key, on_start=progress.start, on_result=progress.update,

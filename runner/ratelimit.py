@@ -230,7 +230,14 @@ class RetryBudget:
                 times.popleft()
 
     def first_attempt(self) -> None:
-        self._firsts.append(self._clock())
+        now = self._clock()
+        self._firsts.append(now)
+        if self._firsts[0] < now - self.window:  # else a run without retries keeps every first attempt forever
+            self._trim(now)
+
+    def __len__(self) -> int:
+        """First attempts and retries held: those of the last `window` seconds, and a few older ones."""
+        return len(self._firsts) + len(self._retries)
 
     def retry(self, last_error: str) -> None:
         """Count a retry about to be sent; RetryBudgetExhausted if it would overspend."""

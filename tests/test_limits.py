@@ -80,3 +80,13 @@ def test_attempt_timeout_is_a_transient_error():
     policy = RetryPolicy(max_attempts=2, attempt_timeout=0.01)
     outcome = anyio.run(lambda: call_with_retries(never, REQUEST, policy, sleep=no_wait))
     assert outcome.error.code == "timeout" and outcome.attempts == 2
+
+
+def test_backoff_is_full_jitter_up_to_an_exponential_cap():
+    """Without Retry-After, the wait after attempt n is uniform in [0, initial * 2^(n-1)], never above backoff_max,
+    even for attempt numbers far past any real budget."""
+    policy = RetryPolicy(backoff_initial=0.5, backoff_max=10)
+    error = TransientCallError("x")
+    for attempt, cap in ((1, 0.5), (2, 1.0), (3, 2.0), (5, 8.0), (6, 10.0), (5000, 10.0)):
+        waits = [policy.wait_seconds(attempt, error) for _ in range(200)]
+        assert all(0 <= w <= cap for w in waits) and max(waits) > cap / 2

@@ -160,6 +160,20 @@ def test_retry_budget_stops_a_failing_endpoint():
     budget.retry("x")
 
 
+def test_retry_budget_forgets_first_attempts_outside_the_window():
+    """A long run without retries holds only the window's first attempts (it used to hold every one)."""
+    clock = FakeClock()
+    budget = RetryBudget(0.5, clock, window=60, min_requests=10)
+    for _ in range(10_000):
+        clock.now += 0.1
+        budget.first_attempt()
+    assert len(budget) <= 601
+    for _ in range(300):
+        budget.retry("x")  # half of the 600 first attempts still in the window: allowed
+    with pytest.raises(RetryBudgetExhausted):
+        budget.retry("x")
+
+
 def test_token_estimates():
     """About 4 characters per English token, one per CJK character, plus per-message overhead."""
     assert estimate_text_tokens("a" * 400) == 100

@@ -50,6 +50,25 @@ def test_results_out_of_order_are_merged_in_input_order(tmp_path):
     assert not sink.parts_dir.exists()
 
 
+def test_merge_across_windows_keeps_the_newest_answer_of_each_row(tmp_path, monkeypatch):
+    """Windows smaller than the parts: parts straddling window edges, a part spanning every window and
+    rows answered again in later parts (by a rerun) each come out once, in order, newest answer first."""
+    monkeypatch.setattr("runner.sink.MERGE_WINDOW_ROWS", 4)
+    sink = _sink(tmp_path, part_rows=5)
+    for row_id in [3, 0, 4, 1, 2, 8, 5, 9, 6, 7, 13, 10, 11, 12, 14]:  # parts 0-4, 5-9, 10-14
+        sink.write(_result(row_id, "error", "TransientCallError"))
+    sink.close()
+    again = _sink(tmp_path, part_rows=5)
+    for row_id in [14, 0, 7, 3, 11, 6, 2, 9, 1, 12]:  # one part per five: each spans several windows
+        again.write(_result(row_id, response=f"again {row_id}"))
+    assert again.finalize(15) == 15
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.column("row_id").to_pylist() == list(range(15))
+    answered = {0, 1, 2, 3, 6, 7, 9, 11, 12, 14}
+    assert table.column("response").to_pylist() == [f"again {r}" if r in answered else f"answer {r}" for r in range(15)]
+    assert table.column("status").to_pylist() == ["ok" if r in answered else "error" for r in range(15)]
+
+
 def test_merge_refuses_missing_rows(tmp_path):
     """A merge that would not hold every input row fails and keeps the parts."""
     sink = _sink(tmp_path)
