@@ -121,7 +121,7 @@ class RunSummary:
             f"rows       {d['rows']:,}  ok {d['ok']:,}  failed {d['failed']:,}"
             + (f"  (skipped {d['skipped_already_done']:,} already done)" if d["skipped_already_done"] else ""),
             f"requests   {d['requests_sent']:,} sent (retries included)"
-            + (f"; rows by mode: " + ", ".join(f"{m} {n:,}" for m, n in self.modes.most_common())
+            + ("; rows by mode: " + ", ".join(f"{m} {n:,}" for m, n in self.modes.most_common())
                if self.modes.get("batch") else ""),
             f"tokens     input {self.input_tokens:,}  output {self.output_tokens:,}  total {self.total_tokens:,}"
             + (f"  cached {self.cached_tokens:,}" if self.cached_tokens else "")
