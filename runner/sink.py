@@ -187,9 +187,8 @@ class ParquetSink:
         except (OSError, pa.ArrowException) as exc:
             raise SinkError(f"{self.output}: cannot read the finished output ({exc})") from None
         previous = json.loads(metadata.get(FINGERPRINT_KEY, b"null"))
-        if previous != self.fingerprint:
-            changed = sorted(k for k in set(previous or {}) | set(self.fingerprint)
-                             if (previous or {}).get(k) != self.fingerprint.get(k))
+        changed = self._changed_keys(previous or {})
+        if changed:
             detail = f"it was written for a different job ({', '.join(changed)} changed)" if previous else \
                 "it does not record which job wrote it"
             raise SinkError(f"{self.output}: cannot send its failed rows again: {detail}",
@@ -231,12 +230,16 @@ class ParquetSink:
             previous = json.loads(path.read_text(encoding="utf-8")).get("fingerprint", {})
         except (OSError, ValueError):
             previous = {}
-        changed = sorted(k for k in set(previous) | set(self.fingerprint) if previous.get(k) != self.fingerprint.get(k))
+        changed = self._changed_keys(previous)
         if changed:
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in changed)
             raise SinkError(f"{self.output}: an unfinished run of a different job is in {self.parts_dir.name}/ "
                             f"({details})",
                             hint="pass --restart to discard it and start over, or choose another --output")
+
+    def _changed_keys(self, previous: Mapping[str, str]) -> list[str]:
+        """The fingerprint keys in which an earlier run's job differs from this one."""
+        return sorted(k for k in set(previous) | set(self.fingerprint) if previous.get(k) != self.fingerprint.get(k))
 
     def _write_manifest(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -257,9 +260,11 @@ class ParquetSink:
         for path in sorted(self.parts_dir.glob("part-*.parquet")):
             try:
                 seq = int(path.stem.split("-")[1])
-                names = pq.read_schema(path).names
-                columns = ["row_id", "status", "error_type", "cost"] + (["request_hash"] if "request_hash" in names else [])
-                table = pq.read_table(path, columns=columns)
+                with pq.ParquetFile(path) as parquet:
+                    # A reopened output is a part without request digests.
+                    columns = ["row_id", "status", "error_type", "cost"] + \
+                        (["request_hash"] if "request_hash" in parquet.schema_arrow.names else [])
+                    table = parquet.read(columns=columns)
             except (ValueError, IndexError, OSError, pa.ArrowException):
                 path.rename(path.with_name(path.name + ".corrupt"))  # kept for inspection, never trusted
                 continue
