@@ -27,7 +27,7 @@ from .errors import CallError, Interrupted, RunnerError, Throttled
 from .limits import Outcome, RetryPolicy, call_with_retries
 from .cost import CostBudget, NoPrice, PriceBook
 from .ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
-from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, result_schema
+from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, result_schema, unsent_result
 from .report import RunSummary, summarize_file
 from .sink import DoneRows, ParquetSink
 from .sources import RequestSource, open_source
@@ -80,11 +80,7 @@ def _error_result(request: Request, outcome, started_at: datetime, cost: None = 
 
 
 def invalid_row_result(request: Request) -> Result:
-    now = _now()
-    return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR,
-                  kept=request.kept, error_type="InvalidRow", error_code="invalid_row",
-                  error_message=request.problem, attempts=0, started_at=now, finished_at=now,
-                  request_hash=request.digest())
+    return unsent_result(request, "invalid_row", request.problem)
 
 
 @dataclass
@@ -289,17 +285,17 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     run-level failures, and Interrupted when `handle_signals` is set and a SIGINT/SIGTERM stopped the
     run (everything finished before it is committed).
     """
+    reopen = retry_failed in ("transient", "all")  # asked for by name: a finished output may be reopened
     if spec.run.mode == "batch":
         from .batch import run_batch_job
 
         return await run_batch_job(spec, api_key=api_key, transport=transport, sleep=sleep, on_result=on_result,
                                    on_start=on_start, on_notice=on_notice, overwrite=overwrite, restart=restart,
-                                   retry_failed=retry_failed or "none", handle_signals=handle_signals,
-                                   environ=environ)
+                                   retry_failed=retry_failed or "none", reopen=reopen,
+                                   handle_signals=handle_signals, environ=environ)
     from .batch.driver import guard_pending_batches
 
     guard_pending_batches(spec, restart=restart, online=True)
-    reopen = retry_failed in ("transient", "all")  # asked for by name: a finished output may be reopened
     retry_failed = retry_failed or "transient"
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     if api_key is None:

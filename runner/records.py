@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import pyarrow as pa
@@ -92,6 +92,14 @@ class Result:
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 MODES = ("online", "batch")
+
+
+def unsent_result(request: Request, code: str, message: str, *, mode: str = "online") -> Result:
+    """The output row of a row that is never sent: it cannot be rendered or breaks a limit of the API."""
+    now = datetime.now(timezone.utc)
+    return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR, mode=mode,
+                  kept=request.kept, error_type="InvalidRow", error_code=code, error_message=message, attempts=0,
+                  started_at=now, finished_at=now, request_hash=request.digest())
 
 _TS = pa.timestamp("us", tz="UTC")
 

@@ -68,35 +68,27 @@ def batch_metadata(spec: JobSpec, record: BatchRecord) -> dict[str, str]:
     return {"ds_name": spec.name[:DS_NAME_CHARS], "ds_description": description[:200]}
 
 
-class _Notices:
-    def __init__(self, on_notice: Callable[[str], None] | None) -> None:
-        self.on_notice = on_notice
-
-    def __call__(self, message: str) -> None:
-        if self.on_notice is not None:
-            self.on_notice(message)
-
-
 async def run_batch_job(spec: JobSpec, *, api_key: ApiKey | None = None,
                         transport: httpx.AsyncBaseTransport | None = None,
                         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
                         on_result: Callable[[Result], None] | None = None, on_start=None,
                         on_notice: Callable[[str], None] | None = None, overwrite: bool = False,
-                        restart: bool = False, retry_failed: str = "none", handle_signals: bool = False,
+                        restart: bool = False, retry_failed: str = "none", reopen: bool = False,
+                        handle_signals: bool = False,
                         environ: Mapping[str, str] | None = None,
                         clock: Callable[[], float] = time.time) -> RunSummary:
-    """Run (or pick up) a job in batch mode; returns the output table's summary."""
+    """Run (or pick up) a job in batch mode; returns the output table's summary. `reopen`: a finished output
+    may be taken back to send its failed rows again (see engine.run_job)."""
     from ..engine import _final_summary, job_fingerprint, run_job
 
-    notice = _Notices(on_notice)
+    notice = on_notice or (lambda message: None)
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     if api_key is None:
         api_key = resolve_api_key(spec.endpoint, environ)
     guard_pending_batches(spec, restart=restart, online=False)
     sink = ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
                        part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds,
-                       overwrite=overwrite, restart=restart, retry_failed=retry_failed,
-                       reopen=retry_failed in ("transient", "all"))
+                       overwrite=overwrite, restart=restart, retry_failed=retry_failed, reopen=reopen)
     prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices, batch=True)
     summary = RunSummary(output=str(spec.output.path), skipped_done=len(sink.done), currency=prices.currency,
                          total_rows=source.total)
@@ -185,15 +177,12 @@ class _Tracker:
     """Sends the planned batch files and follows every pending batch until its rows are joined."""
 
     def __init__(self, spec: JobSpec, state: BatchState, api: BatchApi, sink: ParquetSink, prices: PriceBook,
-                 notice: _Notices, record_result: Callable[[Result], None],
+                 notice: Callable[[str], None], record_result: Callable[[Result], None],
                  sleep: Callable[[float], Awaitable[None]], clock: Callable[[], float]) -> None:
         self.spec, self.state, self.api, self.sink, self.prices = spec, state, api, sink, prices
         self.notice, self.record_result, self.sleep, self.clock = notice, record_result, sleep, clock
 
     async def run(self) -> None:
-        for record in self.state.pending:
-            if record.batch_id is None and record.status is None:
-                await self.submit(record)
         interval = min(FIRST_POLL_SECONDS, self.spec.run.batch_poll_seconds)
         while self.state.pending:
             changed = False
@@ -245,14 +234,14 @@ class _Tracker:
 
     async def advance(self, record: BatchRecord) -> bool:
         """One step for one batch: create it, check it, download its files or join them. True if it moved."""
+        changed = False
+        if record.batch_id is None and record.status != "rejected":
+            await self.submit(record)  # creates it, or records that the API refused it
+            changed = True
         if record.status == "rejected":
             return self.join(record)
-        if record.batch_id is None:
-            await self.submit(record)
-            return True
-        changed = False
         if not record.terminal:
-            changed = record.update(await self.api.retrieve(record.batch_id))
+            changed |= record.update(await self.api.retrieve(record.batch_id))
             if changed:
                 self.state.save()
                 self.notice(record.describe())

@@ -29,6 +29,9 @@ NOT_RUN_MESSAGES = {
     "cancelled": ("batch_cancelled", "the batch was cancelled before this row ran"),
     "failed": ("batch_failed", "the batch failed validation, so no row of it ran"),
 }
+MISSING_LINE = "batch_missing_line"
+# Codes of rows a batch never ran: transient (sent again on request) and never attempted.
+NOT_RUN_CODES = frozenset({code for code, _ in NOT_RUN_MESSAGES.values()} | {MISSING_LINE})
 
 
 def parse_line(item: dict[str, Any]) -> Completion | CallError:
@@ -46,7 +49,7 @@ def parse_line(item: dict[str, Any]) -> Completion | CallError:
             return exc
     code = str(error.get("code")) if error and error.get("code") else None
     message = str(error.get("message") or "") if error else ""
-    if code in ("batch_expired", "batch_cancelled"):
+    if code in NOT_RUN_CODES:
         return TransientCallError(message or code, code=code, http_status=status, request_id=request_id)
     if isinstance(status, int) and status >= 400:
         answer = json.dumps(body).encode() if body is not None else json.dumps({"error": error or {}}).encode()
@@ -106,7 +109,7 @@ def join_batch(record: BatchRecord, folder: Path, prices: PriceBook) -> list[Res
                                   cost=prices.row_cost(stub, outcome.usage), request_id=outcome.request_id,
                                   http_status=outcome.http_status, attempts=1))
         else:
-            ran = outcome.code not in ("batch_expired", "batch_cancelled", "batch_failed", "batch_missing_line")
+            ran = outcome.code not in NOT_RUN_CODES
             results.append(Result(**base, status=STATUS_ERROR, request_id=outcome.request_id,
                                   error_type=outcome.error_type, error_code=outcome.code,
                                   error_message=outcome.message, http_status=outcome.http_status,
@@ -128,5 +131,4 @@ def _not_run(record: BatchRecord, line_error: dict[str, Any] | None) -> CallErro
             first = record.errors[0]
             message += f" ({first.get('code')}: {first.get('message')})"
         return TransientCallError(message, code=code)
-    return TransientCallError("the batch's output and error files do not mention this row",
-                              code="batch_missing_line")
+    return TransientCallError("the batch's output and error files do not mention this row", code=MISSING_LINE)

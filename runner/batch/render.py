@@ -4,7 +4,7 @@ and byte caps, each line checked against the API's limits before anything is upl
 Lines are `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}` with the body the
 compatible-mode payload (Qwen parameters at the top level, never streamed). The custom_id is the
 row id and the start of the row key (`"17-ticket-0017"`): unique within a job, readable in the
-console, and enough to join the answer back to its row.
+console.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ..clients import openai_compat
 from ..cost import PriceBook
-from ..records import STATUS_ERROR, Request, Result
+from ..records import Request, Result, unsent_result
 from ..sink import DoneRows
 from ..spec import RunSpec
 from .api import CHAT_ENDPOINT
@@ -34,11 +34,6 @@ def custom_id(row_id: int, key: str) -> str:
     return f"{row_id}-{key[:KEY_CHARS_IN_ID]}"
 
 
-def row_id_of(custom: str) -> int | None:
-    head = custom.split("-", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
 def encode_line(request: Request) -> bytes:
     """One Batch JSONL line; ValueError or TypeError when the request cannot be JSON."""
     line = {"custom_id": custom_id(request.row_id, request.key), "method": "POST", "url": CHAT_ENDPOINT,
@@ -50,16 +45,6 @@ def sidecar_schema(kept_fields: tuple[pa.Field, ...]) -> pa.Schema:
     """What batch-NNNN.rows.parquet keeps of each line to build its output row."""
     return pa.schema([pa.field("row_id", pa.int64()), pa.field("key", pa.string()),
                       pa.field("request_hash", pa.int64()), *kept_fields])
-
-
-def unsent_result(request: Request, code: str, message: str, mode: str) -> Result:
-    """The output row of a row that is never sent: it cannot be rendered or breaks a Batch API limit."""
-    from datetime import datetime, timezone
-
-    now = datetime.now(timezone.utc)
-    return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR, mode=mode,
-                  kept=request.kept, error_type="InvalidRow", error_code=code, error_message=message, attempts=0,
-                  started_at=now, finished_at=now, request_hash=request.digest())
 
 
 class _OpenFile:
@@ -156,19 +141,19 @@ def plan_batches(requests: Iterable[Request], *, done: DoneRows, covered: RowSet
                     continue
                 plan.changed += 1
             if request.problem is not None:
-                write_unsent(unsent_result(request, "invalid_row", request.problem, "batch"))
+                write_unsent(unsent_result(request, "invalid_row", request.problem, mode="batch"))
                 continue
             try:
                 line = encode_line(request)
             except (TypeError, ValueError) as exc:
                 write_unsent(unsent_result(request, "unencodable_request",
-                                           f"row_id {row_id}: the request cannot be encoded as JSON ({exc})", "batch"))
+                                           f"row_id {row_id}: the request cannot be encoded as JSON ({exc})", mode="batch"))
                 continue
             if len(line) > MAX_LINE_BYTES:
                 write_unsent(unsent_result(
                     request, "batch_line_too_large",
                     f"row_id {row_id} (key {request.key!r}): its Batch API line is {len(line):,} bytes; a line may "
-                    f"be at most {MAX_LINE_BYTES:,} (send it online with --mode online)", "batch"))
+                    f"be at most {MAX_LINE_BYTES:,} (send it online with --mode online)", mode="batch"))
                 continue
             worst = 0.0
             if budget_left is not None:
