@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from .frozen import FrozenPairs
 
 # Canonical order: the cumulative intervals are laid out in this order whatever order the
 # caller gave, so the same rates always map the same draws to the same faults.
@@ -66,14 +68,14 @@ def _check_rate(label: str, rate: float) -> None:
         )
 
 
-class FaultRates(Mapping[str, float]):
+class FaultRates(FrozenPairs):
     """A read-only, hashable mapping of fault name -> probability per attempt.
 
     Accepts a mapping, an iterable of (name, rate) pairs, or of "name=rate" strings.
     Checks names, each rate in [0, 1], and a sum of rates <= 1.
     """
 
-    __slots__ = ("_pairs", "_cumulative")
+    __slots__ = ("_cumulative",)
 
     def __init__(self, rates: Mapping[str, float] | Iterable[Any] = ()) -> None:
         items = rates.items() if isinstance(rates, Mapping) else rates
@@ -98,32 +100,6 @@ class FaultRates(Mapping[str, float]):
             cumulative.append((acc, name))
         self._pairs = pairs
         self._cumulative = tuple(cumulative)
-
-    def __getitem__(self, name: str) -> float:
-        for n, r in self._pairs:
-            if n == name:
-                return r
-        raise KeyError(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return (n for n, _ in self._pairs)
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def __hash__(self) -> int:
-        return hash(self._pairs)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, FaultRates):
-            return self._pairs == other._pairs
-        return isinstance(other, Mapping) and dict(self._pairs) == dict(other)
-
-    def __repr__(self) -> str:
-        return f"FaultRates({dict(self._pairs)!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (FaultRates, (self._pairs,))
 
     def pick(self, seed: int, key: str, attempt: int) -> str | None:
         """The fault for the `attempt`-th request (1-based) for `key`, or None."""

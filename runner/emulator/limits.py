@@ -26,8 +26,10 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from .frozen import FrozenPairs
 
 Limit = tuple[float | None, float | None]  # (rpm, tpm); None: no limit (or inherit, in overrides)
 
@@ -68,13 +70,13 @@ def check_rate(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
-class LimitTable(Mapping[str, Limit]):
+class LimitTable(FrozenPairs):
     """A read-only, hashable mapping model -> (rpm, tpm) of per-model overrides.
 
     Accepts a mapping, an iterable of (model, (rpm, tpm)) pairs, or of "MODEL=RPM:TPM" strings.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ()
 
     def __init__(self, limits: Mapping[str, Limit] | Iterable[Any] = ()) -> None:
         items = limits.items() if isinstance(limits, Mapping) else limits
@@ -89,33 +91,8 @@ class LimitTable(Mapping[str, Limit]):
                 None if rpm is None else float(rpm),
                 None if tpm is None else float(tpm),
             )
-        self._items = tuple(sorted(merged.items()))
+        self._pairs = tuple(sorted(merged.items()))
 
-    def __getitem__(self, model: str) -> Limit:
-        for name, pair in self._items:
-            if name == model:
-                return pair
-        raise KeyError(model)
-
-    def __iter__(self) -> Iterator[str]:
-        return (name for name, _ in self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(self._items)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, LimitTable):
-            return self._items == other._items
-        return isinstance(other, Mapping) and dict(self._items) == dict(other)
-
-    def __repr__(self) -> str:
-        return f"LimitTable({dict(self._items)!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (LimitTable, (self._items,))
 
 
 class Bucket:
