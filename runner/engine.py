@@ -59,6 +59,20 @@ def job_fingerprint(spec: JobSpec) -> dict[str, str]:
     }
 
 
+def open_sink(spec: JobSpec, source: RequestSource, *, overwrite: bool, restart: bool, retry_failed: str,
+              reopen: bool) -> ParquetSink:
+    """The job's output, its committed rows read back (online and batch mode write the same parts)."""
+    return ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
+                       part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds, overwrite=overwrite,
+                       restart=restart, retry_failed=retry_failed, reopen=reopen)
+
+
+def resume_notice(sink: ParquetSink) -> str:
+    recovered = f" ({sink.recovered_from_journal:,} recovered from the journal)" if sink.recovered_from_journal else ""
+    return (f"{'reopened the finished output' if sink.reopened else 'resuming'}: {len(sink.done):,} rows already "
+            f"done{recovered}")
+
+
 def _ok_result(request: Request, outcome, started_at: datetime, cost: float | None) -> Result:
     completion = outcome.completion
     return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_OK, kept=request.kept,
@@ -300,9 +314,7 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     if api_key is None:
         api_key = resolve_api_key(spec.endpoint, environ)
-    sink = ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
-                       part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds,
-                       overwrite=overwrite, restart=restart, retry_failed=retry_failed, reopen=reopen)
+    sink = open_sink(spec, source, overwrite=overwrite, restart=restart, retry_failed=retry_failed, reopen=reopen)
     prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices)
     spend = None
     if spec.run.max_cost is not None:
@@ -315,9 +327,7 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     summary = RunSummary(output=str(spec.output.path), skipped_done=len(sink.done), currency=prices.currency,
                          total_rows=source.total)
     if sink.done and on_notice:
-        recovered = f" ({sink.recovered_from_journal:,} recovered from the journal)" if sink.recovered_from_journal else ""
-        on_notice(f"{'reopened the finished output' if sink.reopened else 'resuming'}: {len(sink.done):,} rows "
-                  f"already done{recovered}")
+        on_notice(resume_notice(sink))
     policy = RetryPolicy.from_spec(spec)
     concurrency = spec.run.concurrency
     counts = _Counts()

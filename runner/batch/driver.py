@@ -23,7 +23,7 @@ import httpx
 from ..cost import BudgetReached, PriceBook
 from ..endpoints import ApiKey, resolve_api_key
 from ..errors import Interrupted, RunnerError
-from ..records import Result, result_schema
+from ..records import Result
 from ..report import RunSummary
 from ..sink import ParquetSink
 from ..sources import open_source
@@ -79,16 +79,14 @@ async def run_batch_job(spec: JobSpec, *, api_key: ApiKey | None = None,
                         clock: Callable[[], float] = time.time) -> RunSummary:
     """Run (or pick up) a job in batch mode; returns the output table's summary. `reopen`: a finished output
     may be taken back to send its failed rows again (see engine.run_job)."""
-    from ..engine import _final_summary, job_fingerprint, run_job
+    from ..engine import _final_summary, open_sink, resume_notice, run_job
 
     notice = on_notice or (lambda message: None)
     source = open_source(spec.input, spec.model, limit=spec.run.limit)
     if api_key is None:
         api_key = resolve_api_key(spec.endpoint, environ)
     guard_pending_batches(spec, restart=restart, online=False)
-    sink = ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
-                       part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds,
-                       overwrite=overwrite, restart=restart, retry_failed=retry_failed, reopen=reopen)
+    sink = open_sink(spec, source, overwrite=overwrite, restart=restart, retry_failed=retry_failed, reopen=reopen)
     prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices, batch=True)
     summary = RunSummary(output=str(spec.output.path), skipped_done=len(sink.done), currency=prices.currency,
                          total_rows=source.total)
@@ -107,8 +105,7 @@ async def run_batch_job(spec: JobSpec, *, api_key: ApiKey | None = None,
     try:
         state = BatchState.load(sink.parts_dir)
         if sink.done and not state.records:
-            notice(f"{'reopened the finished output' if sink.reopened else 'resuming'}: {len(sink.done):,} rows "
-                   "already done")
+            notice(resume_notice(sink))
         if on_start is not None:
             on_start(source.total, len(sink.done), None)
         budget_left = None
