@@ -15,7 +15,7 @@ from .cost import PER_TOKENS, PriceBook
 from .endpoints import request_headers
 from .tokens import estimate_prompt_tokens, output_reserve
 from .endpoints import chat_url
-from .batch.render import MAX_LINE_BYTES, encode_line
+from .batch.render import MAX_LINE_BYTES, batch_group, encode_line, fits_in_file
 from .sources import open_source
 from .spec import JobSpec
 
@@ -176,9 +176,9 @@ class _BatchFileCount:
         self.files: Counter = Counter()
 
     def add(self, request, size: int) -> None:
-        group = (request.model, request.params.get("enable_thinking"))
+        group = batch_group(request)
         current = self.open.get(group)
-        if current is None or current[0] >= self.run.batch_max_lines or current[1] + size > self.run.batch_max_bytes:
+        if current is None or not fits_in_file(current[0], current[1], size, self.run):
             current = self.open[group] = [0, 0]
             self.files[group] += 1
         current[0] += 1

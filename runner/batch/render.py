@@ -41,6 +41,17 @@ def encode_line(request: Request) -> bytes:
     return json.dumps(line, ensure_ascii=False, allow_nan=False).encode() + b"\n"
 
 
+def batch_group(request: Request) -> tuple[str, bool | None]:
+    """The file a row goes into: a batch holds one model and one thinking mode (API facts 7.2)."""
+    return request.model, request.params.get("enable_thinking")
+
+
+def fits_in_file(lines: int, size: int, line_size: int, run: RunSpec) -> bool:
+    """Whether a line of `line_size` bytes may join a file of `lines` lines and `size` bytes (a file always
+    takes its first line)."""
+    return lines < run.batch_max_lines and (lines == 0 or size + line_size <= run.batch_max_bytes)
+
+
 def sidecar_schema(kept_fields: tuple[pa.Field, ...]) -> pa.Schema:
     """What batch-NNNN.rows.parquet keeps of each line to build its output row."""
     return pa.schema([pa.field("row_id", pa.int64()), pa.field("key", pa.string()),
@@ -59,10 +70,6 @@ class _OpenFile:
         self.fh = open(self.tmp, "wb")
         self.columns: dict[str, list] = {name: [] for name in schema.names}
         self.kept_names = schema.names[3:]
-
-    def fits(self, size: int, run: RunSpec) -> bool:
-        return self.record.rows < run.batch_max_lines and (self.record.rows == 0
-                                                           or self.record.bytes + size <= run.batch_max_bytes)
 
     def add(self, line: bytes, request: Request, worst_cost: float) -> None:
         self.fh.write(line)
@@ -162,9 +169,9 @@ def plan_batches(requests: Iterable[Request], *, done: DoneRows, covered: RowSet
                     plan.over_budget += 1
                     continue
                 reserved += worst
-            group = (request.model, request.params.get("enable_thinking"))
+            group = batch_group(request)
             current = open_files.get(group)
-            if current is not None and not current.fits(len(line), run):
+            if current is not None and not fits_in_file(current.record.rows, current.record.bytes, len(line), run):
                 state.add(current.close())
                 current = None
             if current is None:
