@@ -390,9 +390,11 @@ class _Progress:
             elapsed = max(now - self._started, 1e-6)
             throttled = sum(self.limiter.throttled_by_code.values()) if self.limiter else 0
             paused = self.limiter.gate.paused_seconds if self.limiter else 0.0
+            limit = self.limiter.rate_label() if self.limiter else "none"
             self.bar.set_postfix_str(f"ok={self.ok:,} failed={self.failed:,} req/s={self.requests / elapsed:,.0f} "
-                                     f"tok/s={self.tokens / elapsed:,.0f} 429s={throttled:,} paused={paused:.1f}s "
-                                     f"cost={self.cost:,.4f}{self._projection()}",
+                                     f"tok/s={self.tokens / elapsed:,.0f} 429s={throttled:,} "
+                                     f"paused={paused:.1f}s "
+                                     f"cost={self.cost:,.4f}{self._projection()} limit={limit}",
                                      refresh=False)
 
     def _projection(self) -> str:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Iterator, Mapping
 
 import anyio
 import anyio.lowlevel
@@ -26,7 +27,7 @@ from .endpoints import ApiKey, base_url, resolve_api_key
 from .errors import CallError, Interrupted, RunnerError, Throttled
 from .limits import Outcome, RetryPolicy, call_with_retries
 from .cost import CostBudget, NoPrice, PriceBook
-from .ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
+from .ratelimit import Limits, LocalRateLimiter, RetryBudget, Sent, limits_table
 from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, result_schema, unsent_result
 from .report import RunSummary, summarize_file
 from .sink import DoneRows, ParquetSink
@@ -109,7 +110,8 @@ class _Stopping(Exception):
 
 class _Stop:
     """How a run winds down on a signal: first stop taking rows and drain, then (or on a second
-    signal, or at the drain deadline) cancel what is still in flight."""
+    signal, or at the drain deadline) cancel what is still in flight. Draining sends nothing new:
+    rows waiting for the rate limiter, the gate or a retry's backoff are left for the rerun."""
 
     def __init__(self) -> None:
         self.event = anyio.Event()
@@ -117,6 +119,7 @@ class _Stop:
         self.error: RunnerError | None = None
         self.produce_scope = anyio.CancelScope()
         self.work_scope: anyio.CancelScope | None = None
+        self._waits: set[anyio.CancelScope] = set()
 
     @property
     def requested(self) -> bool:
@@ -126,6 +129,22 @@ class _Stop:
         self.signal_name = signal_name
         self.event.set()
         self.produce_scope.cancel()
+        for scope in self._waits:
+            scope.cancel()
+
+    @contextmanager
+    def abortable(self) -> Iterator[None]:
+        """A wait before sending (the limiter, the budget, a backoff) that ends in _Stopping once the run stops."""
+        if self.requested:
+            raise _Stopping
+        with anyio.CancelScope() as scope:
+            self._waits.add(scope)
+            try:
+                yield
+            finally:
+                self._waits.discard(scope)
+        if scope.cancel_called:
+            raise _Stopping
 
     def fail(self, error: RunnerError) -> None:
         """A run-level error (bad key, no money, retry budget): stop taking rows, let requests in flight
@@ -176,24 +195,32 @@ class _Lane:
 
 async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None]:
     """One row through the limiter and the retry loop; the token reservation is settled with the real usage.
-    Returns the outcome and the successful answer's cost."""
+    Returns the outcome and the successful answer's cost. Raises _Stopping, before anything more is sent,
+    once the run is stopping."""
+    model = request.model
+    limiter = lane.limiter
     reserve = estimate_prompt_tokens(request.messages) + output_reserve(request.params, lane.expected_output_tokens)
     worst_cost = lane.prices.worst_case(request) if lane.spend is not None else 0.0
     last_error = ""
-    sent_at = 0.0
+    sent_at = Sent(0.0, 0)
     answer_cost: float | None = None
 
     async def before_attempt(number: int) -> None:
         nonlocal sent_at
-        if lane.stop.requested:
-            raise _Stopping
-        if number == 1:
-            lane.retry_budget.first_attempt()
-        else:
+        if number > 1:
             lane.retry_budget.retry(last_error)
-        sent_at = await lane.limiter.acquire(request.model, reserve)
-        if lane.spend is not None:
-            await lane.spend.reserve(worst_cost)  # released or replaced by the real cost in attempt()
+        with lane.stop.abortable():
+            sent_at = await limiter.acquire(model, reserve)
+        try:
+            if lane.stop.requested:  # stopped while this row waited its turn: it is left for the rerun
+                raise _Stopping
+            if lane.spend is not None:
+                with lane.stop.abortable():
+                    await lane.spend.reserve(worst_cost)  # released or replaced by the real cost in attempt()
+        except BaseException:
+            limiter.settle(model, -reserve)
+            limiter.report_failure(model, sent_at)
+            raise
 
     async def attempt(req: Request) -> Completion:
         nonlocal last_error, answer_cost
@@ -202,26 +229,31 @@ async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None]:
             completion = await lane.client.complete(req)
             cost = answer_cost = lane.prices.row_cost(req, completion.usage)
         except CallError as error:
-            lane.limiter.settle(req.model, -reserve)
+            limiter.settle(model, -reserve)
             if isinstance(error, Throttled):
-                lane.limiter.report_throttled(req.model, error.code, error.retry_after, sent_at)
+                limiter.report_throttled(model, error.code, error.retry_after, sent_at)
+            else:
+                limiter.report_failure(model, sent_at, getattr(error, "retry_after", None))
+            if not error.retryable:
+                lane.retry_budget.answered()
             last_error = f"{error.error_type} {error.code or ''}: {error.message}"[:300]
             raise
         except BaseException:
-            lane.limiter.settle(req.model, -reserve)
+            limiter.settle(model, -reserve)
+            limiter.report_failure(model, sent_at)
             raise
         finally:
             if lane.spend is not None:
                 lane.spend.settle(worst_cost, cost)
         used = completion.usage.total_tokens
-        lane.limiter.settle(req.model, used - reserve if used is not None else 0)
-        lane.limiter.report_success(req.model)
+        limiter.settle(model, used - reserve if used is not None else 0)
+        limiter.report_success(model, sent_at)
+        lane.retry_budget.answered()
         return completion
 
     async def retry_sleep(seconds: float) -> None:
-        if lane.stop.requested:
-            raise _Stopping
-        await lane.sleep(seconds)
+        with lane.stop.abortable():
+            await lane.sleep(seconds)
 
     outcome = await call_with_retries(attempt, request, lane.policy, sleep=retry_sleep, before_attempt=before_attempt)
     return outcome, answer_cost
@@ -338,7 +370,9 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
         cooldown_max=spec.run.retry_after_max)
     if on_start is not None:
         on_start(source.total, len(sink.done), limiter)
-    retry_budget = RetryBudget(spec.run.retry_budget, time.monotonic)
+    # Judged only past four rounds of requests in flight: a ramp that meets an unknown limit may be
+    # answered by a round of 429s before the first successes.
+    retry_budget = RetryBudget(spec.run.retry_budget, time.monotonic, min_retries=max(100, 4 * concurrency))
     started = time.perf_counter()
     finished = False
     try:
@@ -365,6 +399,7 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
         summary.changed_rows = counts.changed
         summary.throttled = limiter.throttled_by_code
         summary.paused_seconds = limiter.gate.paused_seconds
+        summary.rate_control = limiter.describe()
         if stop.error is not None:
             sink.close()
             finished = True
@@ -405,7 +440,7 @@ def _final_summary(spec: JobSpec, run: RunSummary) -> RunSummary:
     table = summarize_file(spec.output.path) if run.skipped_done else run
     table.wall_seconds = run.wall_seconds if not run.skipped_done else None
     table.skipped_done = run.skipped_done
-    table.throttled, table.paused_seconds = run.throttled, run.paused_seconds
+    table.throttled, table.paused_seconds, table.rate_control = run.throttled, run.paused_seconds, run.rate_control
     table.currency, table.total_rows = run.currency, run.total_rows
     table.output = str(spec.output.path)
     data = table.to_dict()

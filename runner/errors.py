@@ -80,17 +80,18 @@ class CallError(Exception):
 
 
 class TransientCallError(CallError):
-    """5xx, timeouts, connection resets, truncated bodies: worth another attempt."""
+    """5xx, timeouts, connection resets, truncated bodies: worth another attempt. `retry_after` is the
+    server's hint in seconds (a 503 may send one), if any."""
 
     retryable = True
-
-
-class Throttled(TransientCallError):
-    """429 rate, burst or token throttling; `retry_after` is the server's hint in seconds, if any."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
+
+
+class Throttled(TransientCallError):
+    """429 rate, burst or token throttling."""
 
 
 class PermanentCallError(CallError):

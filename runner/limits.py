@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 import anyio
 
-from .errors import CallError, Throttled, TransientCallError
+from .errors import CallError, TransientCallError
 from .records import Completion, Request
 from .spec import JobSpec
 
@@ -37,8 +37,9 @@ class RetryPolicy:
     def wait_seconds(self, attempt: int, error: CallError) -> float:
         """The wait after failed attempt number `attempt`: Retry-After (capped, plus jitter) when the server
         gave one, else full-jitter exponential (uniform up to backoff_initial * 2^(attempt-1), capped)."""
-        if isinstance(error, Throttled) and error.retry_after is not None:
-            return min(error.retry_after, self.retry_after_max) + random.uniform(0, self.backoff_initial)
+        retry_after = getattr(error, "retry_after", None)  # a 429's, or a 503's
+        if retry_after is not None:
+            return min(retry_after, self.retry_after_max) + random.uniform(0, self.backoff_initial)
         return random.uniform(0, min(self.backoff_initial * 2.0 ** min(attempt - 1, 1000), self.backoff_max))
 
 

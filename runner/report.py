@@ -23,6 +23,7 @@ class RunSummary:
     changed_rows: int = 0          # rows done earlier whose request changed since: sent again
     throttled: Counter = field(default_factory=Counter)     # 429 answers (attempts, not rows) by code
     paused_seconds: float = 0.0    # time the cool-down gate held every send
+    rate_control: dict = field(default_factory=dict)         # model -> how it was paced (ratelimit.describe)
     cost: float = 0.0              # estimated from usage and the price table
     currency: str | None = None
     total_rows: int | None = None  # the job's rows, for the cost projection
@@ -108,6 +109,7 @@ class RunSummary:
                                          if self.rows and self.total_rows else None)},
             "throttled": dict(self.throttled.most_common()),
             "paused_seconds": round(self.paused_seconds, 2),
+            "rate_control": self.rate_control,
             "wall_seconds": round(span, 3) if span else None,
             "requests_per_second": round(self.attempts / span, 2) if span else None,
             "rows_per_second": round(self.rows / span, 2) if span else None,
@@ -139,6 +141,8 @@ class RunSummary:
         if self.throttled:
             lines.append("throttled  " + "  ".join(f"{code} {n:,}" for code, n in self.throttled.most_common())
                          + f"  (paused {self.paused_seconds:,.1f} s)")
+        for model, rc in self.rate_control.items():
+            lines.append("rate       " + _describe_rate(model, rc))
         for err in d["errors"][:10]:
             lines.append(f"error      {err['rows']:,} x {err['error_type']}" + (f" {err['error_code']}" if err["error_code"] else ""))
         if len(d["errors"]) > 10:
@@ -146,6 +150,25 @@ class RunSummary:
         if self.output:
             lines.append(f"output     {self.output}")
         return "\n".join(lines)
+
+
+def _describe_rate(model: str, rc: dict) -> str:
+    """One model's pacing: the rate it ended at, its cuts, and its 429s by cause."""
+    rate = rc.get("rate_per_second")
+    pacing = rc.get("pacing")
+    if pacing == "configured":
+        text = f"{model}: paced at {rate:,.1f} requests/s (configured)" if rate else f"{model}: tokens paced (configured)"
+    elif pacing == "adaptive":
+        text = (f"{model}: no limit met (never throttled for rate)" if rc.get("startup")
+                else f"{model}: converged on {rate:,.1f} requests/s")
+    else:
+        text = f"{model}: not paced (adaptive_rate = false)"
+    if rc.get("cuts"):
+        text += f", {rc['cuts']:,} cuts ({rc.get('undone_cuts', 0):,} undone as background)"
+    rate_caused, background = rc.get("throttled_rate_caused", 0), rc.get("throttled_background", 0)
+    if rate_caused or background:
+        text += f"; 429s {rate_caused:,} rate-caused, {background:,} background"
+    return text
 
 
 def _percentile(sorted_values, q: float) -> float | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from runner.ratelimit import (AdaptiveRate, CooldownGate, Limits, LocalRateLimiter, RetryBudget,
+from runner.ratelimit import (CooldownGate, Limits, LocalRateLimiter, RetryBudget,
                               RetryBudgetExhausted, TokenBucket, limits_table)
 from runner.tokens import estimate_prompt_tokens, estimate_text_tokens, output_reserve
 
@@ -76,47 +76,6 @@ def test_tpm_binds_for_long_prompts_and_settles():
     assert clock.now - before < 0.1
 
 
-def test_adaptive_rate_slow_start_then_aimd():
-    """Slow start doubles per second while the rate binds; a throttle ends it and cuts 10%; echoes do not cut again."""
-    clock = FakeClock()
-    rate = AdaptiveRate(clock, start=10)
-    for _ in range(3):
-        clock.now += 1
-        rate.grow(limited=True)
-    assert rate.rate == pytest.approx(80)
-    rate.grow(limited=False)  # from here on concurrency, not the rate, holds requests back: no growth
-    clock.now += 1
-    rate.grow(limited=False)
-    assert rate.rate == pytest.approx(80)
-    sent = clock.now - 0.5
-    assert rate.throttled(sent, "Throttling.RateQuota") and rate.rate == pytest.approx(40)  # slow start overshot
-    assert not rate.throttled(sent, "Throttling.RateQuota")          # sent before the cut
-    assert not rate.throttled(clock.now + 0.1, "limit_requests")     # within a second of it
-    clock.now += 1
-    rate.grow(limited=True)
-    assert rate.rate == pytest.approx(40.5)                         # additive increase now, not doubling
-    clock.now += 1
-    assert rate.throttled(clock.now, "limit_burst_rate") and rate.rate == pytest.approx(40.5 * 0.7)
-
-
-def test_adaptive_cut_lands_on_what_the_server_admitted():
-    """With answers flowing, a cut goes to the number admitted in the last second (not below half the rate)."""
-    clock = FakeClock()
-    rate = AdaptiveRate(clock, start=10)
-    for _ in range(3):
-        clock.now += 1
-        rate.grow(limited=True)
-    for i in range(50):  # the server admitted 50 in the last second while we sent 80
-        clock.now += 0.02
-        rate.succeeded()
-    assert rate.throttled(clock.now, "limit_requests") and rate.rate == pytest.approx(50)
-    clock.now += 2
-    for i in range(20):
-        clock.now += 0.01
-        rate.succeeded()
-    assert rate.throttled(clock.now, "limit_requests") and rate.rate == pytest.approx(25)  # half, not 20
-
-
 def test_gate_pauses_everyone_once_per_event():
     """One 429 closes the gate for Retry-After (capped) or the default; 429s of requests sent while closed do not extend it."""
     clock = FakeClock()
@@ -134,44 +93,15 @@ def test_gate_pauses_everyone_once_per_event():
 
 
 def test_limiter_waits_at_the_gate_and_counts_throttles():
-    """After a 429, acquire waits for the gate; the limiter counts 429s by code."""
+    """After a 429 with Retry-After, acquire waits for the gate; the limiter counts 429s by code."""
     clock = FakeClock()
     limiter = LocalRateLimiter(limits_table(Limits(), {}), adaptive=False, cooldown_seconds=2, clock=clock,
                                sleep=clock.sleep)
     sent = anyio.run(limiter.acquire, "m", 1)
-    limiter.report_throttled("m", "limit_requests", None, sent)
+    limiter.report_throttled("m", "limit_requests", 2.0, sent)
     start = clock.now
     anyio.run(limiter.acquire, "m", 1)
     assert clock.now - start == pytest.approx(2) and limiter.throttled_by_code == {"limit_requests": 1}
-
-
-def test_retry_budget_stops_a_failing_endpoint():
-    """Retries beyond the budget's share of requests in the window raise, naming the last error."""
-    clock = FakeClock()
-    budget = RetryBudget(0.5, clock, window=60, min_requests=10)
-    for _ in range(20):
-        budget.first_attempt()
-    for _ in range(10):
-        budget.retry("TransientCallError 503")
-    with pytest.raises(RetryBudgetExhausted, match="503"):
-        budget.retry("TransientCallError 503")
-    clock.now += 61  # the window moved on
-    budget.first_attempt()
-    budget.retry("x")
-
-
-def test_retry_budget_forgets_first_attempts_outside_the_window():
-    """A long run without retries holds only the window's first attempts (it used to hold every one)."""
-    clock = FakeClock()
-    budget = RetryBudget(0.5, clock, window=60, min_requests=10)
-    for _ in range(10_000):
-        clock.now += 0.1
-        budget.first_attempt()
-    assert len(budget) <= 601
-    for _ in range(300):
-        budget.retry("x")  # half of the 600 first attempts still in the window: allowed
-    with pytest.raises(RetryBudgetExhausted):
-        budget.retry("x")
 
 
 def test_token_estimates():
@@ -183,31 +113,81 @@ def test_token_estimates():
     assert output_reserve({"max_tokens": 64}, 20) == 20
 
 
-def test_waiters_go_sooner_when_the_rate_grows_while_they_wait():
-    """64 requests queued at 10/s: as slow start doubles the rate each second, the last one's wait
-    shrinks faster than time passes (a fixed sleep computed at 10/s would take 6.4 s)."""
+def test_retry_budget_stops_a_failing_endpoint():
+    """Retries past the budget's ratio to the endpoint's answers in the window raise, naming the last error."""
     clock = FakeClock()
-    rate = AdaptiveRate(clock, start=10)
-    tickets = [rate.take_ticket() for _ in range(64)]
-    first_wait = rate.wait_for(tickets[-1])
-    assert first_wait == pytest.approx(6.3, abs=0.05)
-    elapsed = 0.0
-    while rate.wait_for(tickets[-1]) > 0:
+    budget = RetryBudget(0.5, clock, window=60, min_retries=10)
+    for _ in range(20):
+        budget.answered()
+    for _ in range(10):
+        budget.retry("TransientCallError 503")
+    with pytest.raises(RetryBudgetExhausted, match="503"):
+        budget.retry("TransientCallError 503")
+    clock.now += 61  # the window moved on: answers and retries alike
+    budget.answered()
+    budget.retry("x")
+
+
+def test_retry_budget_spares_the_tail_of_a_healthy_job():
+    """The last rows of a faulty but healthy job are all retries: judged against the answers of the window,
+    not against first attempts (of which there are none left), they never stop the run."""
+    clock = FakeClock()
+    budget = RetryBudget(1.0, clock, window=60, min_retries=50)
+    for _ in range(1000):  # the body of the job: 30% of attempts fail and are retried
+        clock.now += 0.01
+        budget.answered()
+    for _ in range(300):
+        budget.retry("x")
+    for _ in range(200):  # the tail: nothing but retries
+        clock.now += 0.01
+        budget.retry("x")
+
+
+def test_retry_budget_forgets_answers_outside_the_window():
+    """A long run without retries holds only the window's answers, not every answer since the start."""
+    clock = FakeClock()
+    budget = RetryBudget(0.5, clock, window=60, min_retries=10)
+    for _ in range(10_000):
         clock.now += 0.1
-        elapsed += 0.1
-    assert elapsed < 3.5 and rate.rate > 40
+        budget.answered()
+    assert len(budget) <= 601
+    for _ in range(300):
+        budget.retry("x")  # half of the 600 answers still in the window: allowed
+    with pytest.raises(RetryBudgetExhausted):
+        budget.retry("x")
 
 
-def test_limiter_acquire_under_adaptive_rate_does_not_stall():
-    """Through the limiter, 200 back-to-back requests at a starting rate of 10/s finish in a few
-    (fake) seconds because the rate doubles while they wait."""
+def test_gate_holds_requests_already_waiting_in_the_pacer():
+    """Requests paced at 2/s when a Retry-After of 5 s arrives wait for the gate, not for their old slots,
+    and keep their spacing after it opens (no burst)."""
+    clock = FakeClock()
+    limiter = LocalRateLimiter(limits_table(Limits(rpm=60 * 2), {}), utilization=1.0, clock=clock, sleep=clock.sleep)
+    closed_at = clock.now
+    sent_times: list[float] = []
+
+    async def main() -> None:
+        async def one() -> None:
+            sent = await limiter.acquire("m", 1)
+            sent_times.append(sent.at)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(one)
+
+    limiter_sent = anyio.run(limiter.acquire, "m", 1)  # the first request, sent at once
+    limiter.report_throttled("m", "limit_requests", 5.0, limiter_sent)
+    anyio.run(main)
+    assert all(t >= closed_at + 5.0 for t in sent_times)
+    gaps = [b - a for a, b in zip(sorted(sent_times), sorted(sent_times)[1:])]
+    assert all(g >= 0.49 for g in gaps)
+
+
+def test_retry_after_on_a_503_closes_the_gate():
+    """A failure that carries Retry-After (a 503) closes the gate like a 429 does."""
     clock = FakeClock()
     limiter = LocalRateLimiter(limits_table(Limits(), {}), clock=clock, sleep=clock.sleep)
-
-    async def send() -> float:
-        start = clock.now
-        for _ in range(200):
-            await limiter.acquire("m", 1)
-        return clock.now - start
-
-    assert anyio.run(send) < 6 and limiter.current_rate("m") > 40
+    sent = anyio.run(limiter.acquire, "m", 1)
+    limiter.report_failure("m", sent, 3.0)
+    start = clock.now
+    anyio.run(limiter.acquire, "m", 1)
+    assert clock.now - start == pytest.approx(3.0) and limiter.gate.paused_seconds == pytest.approx(3.0)

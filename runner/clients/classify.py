@@ -71,7 +71,7 @@ def to_error(kind: str, *, status: int, code: str | None, message: str, request_
     if kind == THROTTLED:
         return Throttled(message or detail, retry_after=retry_after, **fields)
     if kind == TRANSIENT:
-        return TransientCallError(message or detail, **fields)
+        return TransientCallError(message or detail, retry_after=retry_after, **fields)
     return PermanentCallError(message or detail, **fields)
 
 
