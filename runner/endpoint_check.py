@@ -14,14 +14,17 @@ The rule, for a 404 (or the native "Model not exist." 400) from the chat endpoin
 Stopping is a RunnerError raised from the client, which the engine's workers already turn into a
 stop: no new row is started, only the requests already in flight are spent (at most `concurrency`),
 and the rows they carried are not written, so the rerun after the fix sends them.
+
+The guard also takes the API key out of every error message the endpoint sends back (a proxy may
+quote the Authorization header it refused), since those messages go to the output and the terminal.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from .endpoints import CHAT_PATHS, DIALECT_ROOTS
-from .errors import EndpointNotFound, NotFound
+from .endpoints import CHAT_PATHS, DIALECT_ROOTS, ApiKey
+from .errors import CallError, EndpointNotFound, NotFound, RunnerError
 from .records import Completion, Request
 
 
@@ -34,10 +37,11 @@ class _Client(Protocol):
 class EndpointGuard:
     """Wraps a chat client (ChatClient) with the rule above; everything else passes through."""
 
-    __slots__ = ("_client", "_dialect", "_job_model", "_path_works", "_models_work")
+    __slots__ = ("_client", "_dialect", "_job_model", "_path_works", "_models_work", "_secret")
 
-    def __init__(self, client: _Client, *, dialect: str, job_model: str) -> None:
+    def __init__(self, client: _Client, *, dialect: str, job_model: str, api_key: ApiKey | None = None) -> None:
         self._client = client
+        self._secret = api_key.reveal() if api_key is not None else ""
         self._dialect = dialect
         self._job_model = job_model
         self._path_works = False
@@ -54,14 +58,28 @@ class EndpointGuard:
         try:
             completion = await self._client.complete(request)
         except NotFound as error:
+            self._scrub(error)
             stop = self.verdict(error, request.model)
             if stop is None:
                 raise
             raise stop from error
+        except (CallError, RunnerError) as error:
+            self._scrub(error)
+            raise
         if request.model not in self._models_work:
             self._models_work.add(request.model)
             self._path_works = True
         return completion
+
+    def _scrub(self, error: CallError | RunnerError) -> None:
+        """Replace the key wherever the endpoint's answer quoted it (message, hint, args)."""
+        secret = self._secret
+        if not secret or secret not in str(error.args) + str(getattr(error, "hint", "")):
+            return
+        error.message = error.message.replace(secret, "sk-***")
+        error.args = tuple(a.replace(secret, "sk-***") if isinstance(a, str) else a for a in error.args)
+        if isinstance(error, RunnerError) and error.hint:
+            error.hint = error.hint.replace(secret, "sk-***")
 
     def verdict(self, error: NotFound, model: str) -> EndpointNotFound | None:
         """The run-level error when this 404 means the job is wrong; None when it is only this row's."""

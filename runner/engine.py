@@ -356,8 +356,9 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
                     if handle_signals:
                         tg.start_soon(_watch_signals, stop, spec.run.drain_seconds, on_notice)
                     tg.start_soon(_produce, source, sink.done, counts, stop, req_send, res_send.clone())
-                    # A 404 before anything worked stops the run (endpoint_check.py), not every row.
-                    guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_model=spec.model.name)
+                    # A 404 before anything worked stops the run, not every row; keys quoted back are removed.
+                    guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_model=spec.model.name,
+                                            api_key=api_key)
                     lane = _Lane(guarded, policy, sleep, stop, limiter, retry_budget, spec.run.expected_output_tokens,
                                  prices, spend)
                     tg.start_soon(_run_workers, concurrency, lane, req_recv, res_send)
