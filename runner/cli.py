@@ -210,9 +210,9 @@ def status(job: str, output: str | None, base_url: str | None, offline: bool, as
 
         try:
             resolve_api_key(spec.endpoint)
-        except SpecError:
+        except SpecError as error:  # its message names the variable or file, never the key
             offline = True
-            click.echo(f"{spec.endpoint.api_key_env} is not set: showing what the last run recorded", err=True)
+            click.echo(f"{error.message}: showing what the last run recorded", err=True)
     if live and not offline:
         async def refresh(api):
             for record in live:

@@ -23,7 +23,8 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from .clients import ChatClient
 from .clients.stream_rules import StreamPolicy
-from .endpoints import ApiKey, base_url, resolve_api_key
+from .endpoint_check import EndpointGuard
+from .endpoints import ApiKey, base_url, check_base_url, resolve_api_key
 from .errors import CallError, Interrupted, RunnerError, Throttled
 from .limits import Outcome, RetryPolicy, call_with_retries
 from .cost import CostBudget, NoPrice, PriceBook
@@ -332,6 +333,7 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     run (everything finished before it is committed).
     """
     reopen = retry_failed in ("transient", "all")  # asked for by name: a finished output may be reopened
+    check_base_url(spec.endpoint)  # a base_url that is certainly wrong is refused before anything is sent
     if spec.run.mode == "batch":
         from .batch import run_batch_job
 
@@ -388,7 +390,10 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
                     if handle_signals:
                         tg.start_soon(_watch_signals, stop, spec.run.drain_seconds, on_notice)
                     tg.start_soon(_produce, source, sink.done, counts, stop, req_send, res_send.clone())
-                    lane = _Lane(client, policy, sleep, stop, limiter, retry_budget, spec.run.expected_output_tokens,
+                    # A 404 before anything worked stops the run, not every row; keys quoted back are removed.
+                    guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_model=spec.model.name,
+                                            api_key=api_key)
+                    lane = _Lane(guarded, policy, sleep, stop, limiter, retry_budget, spec.run.expected_output_tokens,
                                  prices, spend)
                     tg.start_soon(_run_workers, concurrency, lane, req_recv, res_send)
                     await _write_results(res_recv, sink, summary, on_result)

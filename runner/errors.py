@@ -49,6 +49,13 @@ class QuotaExhausted(RunnerError):
     exit_code = 1
 
 
+class EndpointNotFound(RunnerError):
+    """The endpoint answers 404 before any request succeeded: the URL or the job's model is wrong, so
+    every row would fail the same way. The run stops after the requests in flight."""
+
+    exit_code = 1
+
+
 class Interrupted(RunnerError):
     """SIGINT or SIGTERM stopped the run; what finished before it is committed and a rerun resumes."""
 
@@ -98,6 +105,15 @@ class PermanentCallError(CallError):
     """The request itself is wrong (4xx): invalid parameter, moderation, unknown model."""
 
 
+class NotFound(PermanentCallError):
+    """404 (or "Model not exist."): `what` is "model" when the provider says the model is unknown, "path"
+    when the URL itself is (a wrong base_url, a proxy without the route)."""
+
+    def __init__(self, message: str, *, what: str = "path", **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.what = what
+
+
 class BadResponse(PermanentCallError):
     """A 2xx answer whose body cannot be understood."""
 
@@ -113,11 +129,13 @@ __all__ = [
     "SinkError",
     "AuthError",
     "QuotaExhausted",
+    "EndpointNotFound",
     "Interrupted",
     "CallError",
     "TransientCallError",
     "Throttled",
     "PermanentCallError",
+    "NotFound",
     "BadResponse",
     "InvalidRow",
 ]

@@ -167,6 +167,8 @@ class ParquetSink:
             if restart:
                 self._clear_parts()
             manifest_path = self.parts_dir / MANIFEST
+            if manifest_path.exists() and not reopening and self._holds_nothing():
+                manifest_path.unlink()  # a run that committed nothing (e.g. stopped by a wrong endpoint): no job to keep
             if manifest_path.exists():
                 self._check_manifest(manifest_path)
             else:
@@ -219,6 +221,10 @@ class ParquetSink:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _holds_nothing(self) -> bool:
+        """The parts folder has no committed row and no batch state: only the manifest and the lock."""
+        return all(path.name in (MANIFEST, LOCK) for path in self.parts_dir.iterdir())
 
     def _clear_parts(self) -> None:
         for path in self.parts_dir.iterdir():

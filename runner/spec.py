@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .endpoints import resolve_host
+from .endpoints import key_env_problem, resolve_host
 from .errors import SpecError
 from .records import RESERVED_COLUMNS
 
@@ -165,6 +165,8 @@ def _check_override(name: str, value: Any) -> None:
         raise SpecError(f"{where}: expected one of {', '.join(MODES)}, got {value!r}")
     if name == "batch_poll_seconds" and value <= 0:
         raise SpecError(f"{where}: expected a number > 0, got {value}")
+    if name == "api_key_env" and key_env_problem(value):
+        raise SpecError(f"{where}: {key_env_problem(value)}")  # never echo it: it may be the key itself
     if name == "dialect" and value not in DIALECTS:
         raise SpecError(f"{where}: expected one of {', '.join(DIALECTS)}, got {value!r}")
 
@@ -184,6 +186,8 @@ def template_fields(template: str) -> tuple[str, ...]:
 # --- the key table -----------------------------------------------------------------------------
 
 _STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "true or false"
+# Keys whose wrong-typed value is not shown back: a key pasted there must not be echoed.
+_SECRET_NEIGHBOURS = ("api_key_env", "api_key_file")
 _STREAM = 'true, false or "auto"'
 
 # Generation parameters accepted under [model], with the type each must have. They are sent under
@@ -265,12 +269,13 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
     base = source.parent if source else Path.cwd()
 
     def fail(section: str | None, key: str | None, message: str) -> SpecError:
+        section, key = _unechoed(section), _unechoed(key)
         at = f"[{section}] {key}" if key else f"[{section}]" if section else ""
         return SpecError(f"{where}: {at}: {message}" if at else f"{where}: {message}")
 
     for section, body in raw.items():
         if section not in _SECTIONS:
-            return _raise(fail(None, None, f"unknown section [{section}]; expected one of "
+            return _raise(fail(None, None, f"unknown section [{_unechoed(section)}]; expected one of "
                                + ", ".join(f"[{s}]" for s in _SECTIONS)))
         if not isinstance(body, dict):
             _raise(fail(section, None, f"expected a table, got {_describe(body)}"))
@@ -282,7 +287,8 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
             if expected is None:
                 _raise(fail(section, key, f"unknown key; expected one of {', '.join(_SECTIONS[section])}"))
             if not _type_ok(expected, value):
-                _raise(fail(section, key, f"expected {expected}, got {_describe(value)}"))
+                shown = "another type" if key in _SECRET_NEIGHBOURS else _describe(value)  # may be a pasted key
+                _raise(fail(section, key, f"expected {expected}, got {shown}"))
 
     def get(section: str, key: str, default: Any = None) -> Any:
         return raw.get(section, {}).get(key, default)
@@ -341,10 +347,16 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
             _raise(fail("endpoint", "region", str(exc)))
     elif not base_url.startswith(("http://", "https://")):
         _raise(fail("endpoint", "base_url", f"expected an http:// or https:// URL, got {base_url!r}"))
+    key_env = get("endpoint", "api_key_env", "DASHSCOPE_API_KEY")
+    if key_env_problem(key_env):
+        _raise(fail("endpoint", "api_key_env", key_env_problem(key_env)))
     key_file = get("endpoint", "api_key_file")
+    if key_file and Path(key_file.strip()).name[:3].lower() == "sk-":
+        _raise(fail("endpoint", "api_key_file", "looks like an API key, not the path of a file; put the key in a "
+                    "file (or an environment variable) and name it here"))
     endpoint = EndpointSpec(
         dialect=dialect, region=region, base_url=base_url, workspace=workspace,
-        api_key_env=get("endpoint", "api_key_env", "DASHSCOPE_API_KEY"),
+        api_key_env=key_env,
         api_key_file=_join(base, key_file) if key_file else None,
         timeout=float(positive("endpoint", "timeout", 300.0)),
         connect_timeout=float(positive("endpoint", "connect_timeout", 10.0)),
@@ -460,6 +472,11 @@ def _model_limits(table: Mapping[str, Any], fail) -> dict[str, tuple[float | Non
 
 def _parquet_path(path: Path) -> Path:
     return path if path.suffix == ".parquet" else path.with_name(path.name + ".parquet")
+
+
+def _unechoed(name: str | None) -> str | None:
+    """A section or key name as shown in a message: one that looks like a pasted API key is not repeated."""
+    return "<a name that looks like an API key>" if name and name.strip()[:3].lower() == "sk-" else name
 
 
 def _raise(error: SpecError):

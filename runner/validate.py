@@ -12,7 +12,8 @@ from pathlib import Path
 from .clients import DIALECTS
 from .clients.stream_rules import StreamPolicy
 from .cost import PER_TOKENS, PriceBook
-from .endpoints import request_headers
+from .endpoints import CHAT_PATHS, BaseUrlProblem, base_url_problem, request_headers, resolve_api_key
+from .errors import SpecError
 from .tokens import estimate_prompt_tokens, output_reserve
 from .endpoints import chat_url
 from .batch.render import MAX_LINE_BYTES, batch_group, encode_line, fits_in_file
@@ -33,6 +34,8 @@ class ValidationReport:
     largest_body_bytes: int = 0
     streamed: int = 0
     api_key_present: bool = False
+    api_key_problem: str | None = None  # why `runner run` would refuse the key found (never the key itself)
+    base_url_problem: BaseUrlProblem | None = None
     input_tokens: int = 0           # estimated, tokenizer-free
     output_tokens_max: int = 0      # from max_tokens (or the model's cap)
     output_tokens_expected: int = 0 # from expected_output_tokens (else a quarter of max_tokens)
@@ -53,6 +56,7 @@ class ValidationReport:
             + (f", --limit {spec.run.limit}" if spec.run.limit is not None else "") + ")",
             f"endpoint   {spec.endpoint.dialect}  {chat_url(spec.endpoint)}"
             + (f"  workspace {spec.endpoint.workspace}" if spec.endpoint.workspace else ""),
+            *self._base_url_warning(),
             "models     " + ", ".join(f"{name} ({n:,})" for name, n in self.models.most_common(5))
             + (f" and {len(self.models) - 5} more" if len(self.models) > 5 else ""),
             f"rows       {self.rows - self.invalid:,} valid, {self.invalid:,} invalid, {self.streamed:,} streamed"
@@ -77,7 +81,9 @@ class ValidationReport:
             lines.append(f"warning    {self.duplicate_keys:,} rows repeat an earlier id "
                          f"(first: {self.first_duplicate!r}); rows are tracked by position, ids are only copied")
         key_env = spec.endpoint.api_key_env
-        if self.api_key_present:
+        if self.api_key_problem and (self.api_key_present or spec.endpoint.api_key_file):
+            lines.append(f"warning    {self.api_key_problem}: `runner run` refuses it")
+        elif self.api_key_present:
             lines.append(f"api key    {key_env} is set")
         elif spec.endpoint.api_key_file:
             lines.append(f"api key    {key_env} is not set; the key will be read from {spec.endpoint.api_key_file}")
@@ -94,6 +100,15 @@ class ValidationReport:
             lines.append(f"problems   first {len(self.problems)} of {self.invalid:,}:")
             lines.extend(f"  {p}" for p in self.problems)
         return "\n".join(lines)
+
+    def _base_url_warning(self) -> list[str]:
+        found = self.base_url_problem
+        if found is None:
+            return []
+        refused = "; `runner run` refuses it as it is" if found.certain else ""
+        return [f"warning    base_url {self.spec.endpoint.base_url}: {found.problem}{refused}",
+                f"           use base_url = \"{found.fixed}\" (the runner appends "
+                f"{CHAT_PATHS[self.spec.endpoint.dialect]})"]
 
 
 def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
@@ -162,6 +177,11 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
     if files is not None:
         report.batch_files = files.files
     report.api_key_present = bool(os.environ.get(spec.endpoint.api_key_env, "").strip())
+    try:
+        resolve_api_key(spec.endpoint)
+    except SpecError as error:
+        report.api_key_problem = error.message
+    report.base_url_problem = base_url_problem(spec.endpoint)
     report.output_exists = spec.output.path.exists()
     report.unfinished_run = spec.output.path.with_name(spec.output.path.name + ".parts").exists()
     return report

@@ -22,7 +22,7 @@ from runner.clients import dashscope_native as native
 from runner.clients import openai_compat as compat
 from runner.clients.classify import parse_error_body, retry_after_seconds
 from runner.endpoints import ApiKey
-from runner.errors import (AuthError, BadResponse, CallError, PermanentCallError, QuotaExhausted, RunnerError,
+from runner.errors import (AuthError, BadResponse, CallError, NotFound, PermanentCallError, QuotaExhausted, RunnerError,
                            Throttled, TransientCallError)
 from runner.records import Completion, Request, Usage
 from runner.spec import EndpointSpec
@@ -290,6 +290,13 @@ INVALID_PARAMETER_MESSAGES = [
     ("json-mode-thinking", "Json mode response is not supported when enable_thinking is true"),
     ("thinking-restricted", "The value of the enable_thinking parameter is restricted to True."),
 ]
+
+
+def _model_missing_or(name: str) -> type:
+    """"Model not exist." is the native API's 400 for an unknown model: a NotFound like the 404s."""
+    return NotFound if name == "model-not-exist" else PermanentCallError
+
+
 INTERNAL_ALGO_MESSAGES = [
     ("during-execution", "An internal error has occurred during execution, please try again later or contact "
                          "service support."),
@@ -325,7 +332,7 @@ NATIVE_ARREARAGE_SSE = (b'id:1\nevent:error\n:HTTP_STATUS/400\n'
 
 NATIVE_TABLE = [
     # --- 400 ---------------------------------------------------------------------------------------
-    *[nat(400, "InvalidParameter", m, PermanentCallError, suffix=f"-{s}") for s, m in INVALID_PARAMETER_MESSAGES],
+    *[nat(400, "InvalidParameter", m, _model_missing_or(s), suffix=f"-{s}") for s, m in INVALID_PARAMETER_MESSAGES],
     nat(400, "InvalidParameter", "<400> InternalError.Algo.InvalidParameter: Range of input length should be "
         "[1, 129024]", PermanentCallError, rid="3a4b5c6d-7e8f-9a9b-c0d1-e2f3a4b5c6d7", suffix="-10.2E"),
     _case("400-InvalidParameter-10.2M-sse-framed-json-content-type", 400, NATIVE_10_2_M, PermanentCallError,
@@ -376,11 +383,11 @@ NATIVE_TABLE = [
     nat(403, "Workspace.AccessDenied", "Workspace access denied.", AuthError),
     nat(403, "AllocationQuota.FreeTierOnly", "The free tier of the model has been exhausted.", QuotaExhausted),
     # --- 404 ---------------------------------------------------------------------------------------
-    nat(404, "ModelNotFound", "Model can not be found.", PermanentCallError),
-    nat(404, "ModelNotFound", "The provided model qwen-foo is not supported by the Batch API.", PermanentCallError,
+    nat(404, "ModelNotFound", "Model can not be found.", NotFound),
+    nat(404, "ModelNotFound", "The provided model qwen-foo is not supported by the Batch API.", NotFound,
         suffix="-batch"),
     nat(404, "WorkSpaceNotFound", "WorkSpace can not be found.", AuthError),
-    nat(404, "NotFound", "Not found!", PermanentCallError),
+    nat(404, "NotFound", "Not found!", NotFound),
     # --- 408 / 500 RequestTimeOut ---------------------------------------------------------------------
     nat(408, "RequestTimeOut", "Request timed out, please try again later.", TransientCallError),
     nat(500, "RequestTimeOut", "Response timeout!", TransientCallError),
@@ -424,7 +431,7 @@ NATIVE_TABLE = [
           b'{"code":"Throttling.RateQuota","message":"' + RATE_QUOTA_MESSAGE.encode() + b'"}', Throttled,
           "Throttling.RateQuota", RATE_QUOTA_MESSAGE, "rid-hdr-429", {"x-request-id": "rid-hdr-429"}),
     _case("400-InvalidParameter-msg-field", 400,
-          b'{"code":"InvalidParameter","msg":"Model not exist.","request_id":"rid-msg"}', PermanentCallError,
+          b'{"code":"InvalidParameter","msg":"Model not exist.","request_id":"rid-msg"}', NotFound,
           "InvalidParameter", "Model not exist.", "rid-msg"),
 ]
 
@@ -463,7 +470,7 @@ TPM_MESSAGE = "You exceeded your current quota, please check your plan and billi
 
 COMPAT_TABLE = [
     # --- 400 ---------------------------------------------------------------------------------------
-    *[oai(400, "invalid_parameter_error", m, PermanentCallError, type_="invalid_request_error", suffix=f"-{s}")
+    *[oai(400, "invalid_parameter_error", m, _model_missing_or(s), type_="invalid_request_error", suffix=f"-{s}")
       for s, m in INVALID_PARAMETER_MESSAGES],
     _case("400-invalid_parameter_error-10.1E-native-code-in-message", 400, COMPAT_10_1_E, PermanentCallError,
           "invalid_parameter_error", "<400> InternalError.Algo.InvalidParameter: Range of input length should be "
@@ -492,10 +499,10 @@ COMPAT_TABLE = [
           "rid-429-type"),
     # --- 403 / 404 ---------------------------------------------------------------------------------
     oai(403, "access_denied", "Access denied.", PermanentCallError),
-    _case("404-model_not_found-10.1J", 404, COMPAT_10_1_J, PermanentCallError, "model_not_found",
+    _case("404-model_not_found-10.1J", 404, COMPAT_10_1_J, NotFound, "model_not_found",
           "The model `qwen-plux` does not exist or you do not have access to it.",
           "7a8b9c0d-1e2f-9a3b-c4d5-e6f7a8b9c0d1"),
-    oai(404, "model_not_supported", "Unsupported model `qwen-foo` for OpenAI compatibility mode.", PermanentCallError,
+    oai(404, "model_not_supported", "Unsupported model `qwen-foo` for OpenAI compatibility mode.", NotFound,
         type_="invalid_request_error"),
     # --- 429 ---------------------------------------------------------------------------------------
     _case("429-limit_requests-10.1G", 429, COMPAT_10_1_G, Throttled, "limit_requests",
@@ -590,7 +597,7 @@ def test_compat_classification(status, body, headers, cls, code, message, rid) -
     pytest.param(429, Throttled, id="429"),
     pytest.param(401, AuthError, id="401"),
     pytest.param(400, PermanentCallError, id="400"),
-    pytest.param(404, PermanentCallError, id="404"),
+    pytest.param(404, NotFound, id="404"),
     pytest.param(408, TransientCallError, id="408"),
 ])
 @pytest.mark.parametrize("dialect", [compat, native], ids=["compat", "native"])

@@ -12,7 +12,7 @@ import json
 import time
 from typing import Mapping
 
-from ..errors import (AuthError, CallError, PermanentCallError, QuotaExhausted, RunnerError, Throttled,
+from ..errors import (AuthError, CallError, NotFound, PermanentCallError, QuotaExhausted, RunnerError, Throttled,
                       TransientCallError)
 
 AUTH = "auth"            # the key, region or workspace is wrong: stop the run
@@ -20,10 +20,14 @@ QUOTA = "quota"          # the account cannot pay: stop the run
 THROTTLED = "throttled"  # rate, burst, token or capacity throttling: retry, slower
 TRANSIENT = "transient"  # server-side failure: retry
 PERMANENT = "permanent"  # the request is wrong or refused: record the row as failed
+MODEL_NOT_FOUND = "model_not_found"  # the provider does not know the model: a row error, or a wrong job model
+NOT_FOUND = "not_found"  # 404 without a model code: the URL is wrong (a row error once the URL has worked)
 
 # Messages that turn a throttling code into "the free quota is gone" (facts 5.2, last note).
 _FREE_QUOTA_MARKERS = ("free allocated quota", "freetieronly", "free tier of the model has been exhausted")
 # InternalError.Algo answers that repeat whatever you do (facts 5.2, "deterministic" row).
+# The native API's 400 for a retired or unknown model (facts 5.2, InvalidParameter row; facts 9).
+_MODEL_MISSING_MARKERS = ("model not exist",)
 _DETERMINISTIC_500 = ("expecting ',' delimiter", "list index out of range", "role must be in",
                       "missing content-length of multimodal url")
 
@@ -42,6 +46,10 @@ def kind_of(status: int, code: str | None, message: str, table: Mapping[str, str
         return QUOTA
     if kind == TRANSIENT and any(m in text for m in _DETERMINISTIC_500):
         return PERMANENT
+    if kind == PERMANENT and status == 404:
+        return NOT_FOUND  # a 404 whose code we do not know (NotFound, a proxy's page): the path
+    if kind == PERMANENT and any(m in text for m in _MODEL_MISSING_MARKERS):
+        return MODEL_NOT_FOUND
     return kind
 
 
@@ -52,6 +60,8 @@ def _kind_of_status(status: int) -> str:
         return THROTTLED
     if status in (408, 409) or status >= 500:
         return TRANSIENT
+    if status == 404:
+        return NOT_FOUND
     return PERMANENT
 
 
@@ -72,6 +82,8 @@ def to_error(kind: str, *, status: int, code: str | None, message: str, request_
         return Throttled(message or detail, retry_after=retry_after, **fields)
     if kind == TRANSIENT:
         return TransientCallError(message or detail, retry_after=retry_after, **fields)
+    if kind in (MODEL_NOT_FOUND, NOT_FOUND):
+        return NotFound(message or detail, what="model" if kind == MODEL_NOT_FOUND else "path", **fields)
     return PermanentCallError(message or detail, **fields)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from ..errors import BadResponse
 from ..records import Completion, Request
 from .bodies import StreamText, load_success_json, text_of, usage_from
-from .classify import AUTH, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
+from .classify import AUTH, MODEL_NOT_FOUND, NOT_FOUND, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
 from .openai_compat import STREAM_KEYS
 from .sse import Event
 
@@ -29,8 +29,8 @@ CODE_TABLE: dict[str, str] = {
     "InvalidParameter": PERMANENT, "InternalError.Algo.InvalidParameter": PERMANENT,
     "InvalidParameter.NotSupportEnableThinking": PERMANENT, "DataInspectionFailed": PERMANENT,
     "BadRequest": PERMANENT, "AccessDenied": PERMANENT, "AccessDenied.Unpurchased": PERMANENT,
-    "Model.AccessDenied": PERMANENT, "App.AccessDenied": PERMANENT, "ModelNotFound": PERMANENT,
-    "NotFound": PERMANENT,
+    "Model.AccessDenied": PERMANENT, "App.AccessDenied": PERMANENT, "ModelNotFound": MODEL_NOT_FOUND,
+    "NotFound": NOT_FOUND,
 }
 
 

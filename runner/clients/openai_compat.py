@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from ..errors import BadResponse
 from ..records import Completion, Request
 from .bodies import StreamText, load_success_json, text_of, usage_from
-from .classify import AUTH, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
+from .classify import AUTH, MODEL_NOT_FOUND, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
 from .sse import Event
 
 NAME = "openai"
@@ -24,7 +24,7 @@ CODE_TABLE: dict[str, str] = {
     "internal_error": TRANSIENT, "InternalError": TRANSIENT, "ModelUnavailable": TRANSIENT,
     "SystemError": TRANSIENT, "ModelServiceFailed": TRANSIENT, "RequestTimeOut": TRANSIENT,
     "invalid_parameter_error": PERMANENT, "invalid_value": PERMANENT, "data_inspection_failed": PERMANENT,
-    "model_not_found": PERMANENT, "model_not_supported": PERMANENT, "access_denied": PERMANENT,
+    "model_not_found": MODEL_NOT_FOUND, "model_not_supported": MODEL_NOT_FOUND, "access_denied": PERMANENT,
     # Not the OpenAI `type` "invalid_request_error": it comes with 401, 404 and 429 answers alike (facts 5.2,
     # 10.1 D/I/J), so when it stands in for a missing code the status decides.
 }

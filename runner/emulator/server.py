@@ -12,8 +12,9 @@ from aiohttp import web
 from .batch_http import add_batch_routes
 from .config import EmulatorConfig
 from .handler import answer
-from .responses import DASHSCOPE, OPENAI, DashScopeDialect, OpenAIDialect
+from .responses import DASHSCOPE, OPENAI, DashScopeDialect, OpenAIDialect, dump, new_request_id
 from .state import STATE, EmulatorState, Sleeper
+from .stats import bump
 
 OPENAI_PREFIX = "/compatible-mode/v1"
 DASHSCOPE_PREFIX = "/api/v1"
@@ -49,6 +50,15 @@ def build_app(
         state.stats.reset()
         return web.json_response({"reset": True})
 
+    async def unknown_path(request: web.Request) -> web.Response:
+        # The real gateway's answer to a path it does not serve (API facts 5.2, the NotFound row): a
+        # base_url ending in /chat/completions, or the other dialect's root, lands here.
+        state.stats.unrouted += 1
+        bump(state.stats.by_status, 404)
+        rid = new_request_id(state.rng.getrandbits(128))
+        body = dump({"code": "NotFound", "message": "Not found!", "request_id": rid})
+        return web.Response(body=body, status=404, content_type="application/json", headers={"x-request-id": rid})
+
     async def wake_sleepers(app: web.Application) -> None:
         state.sleeper.wake_all()
 
@@ -60,6 +70,7 @@ def build_app(
     add_batch_routes(app, state, OPENAI_PREFIX)
     app.router.add_get("/_emulator/stats", stats_handler)
     app.router.add_post("/_emulator/reset", reset_handler)
+    app.router.add_route("*", "/{path:.*}", unknown_path)  # last: only what no route above serves
     app.on_shutdown.append(wake_sleepers)
     return app
 

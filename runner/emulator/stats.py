@@ -22,6 +22,8 @@ class Stats:
 
     def reset(self) -> None:
         self.requests = 0
+        # Requests to paths the emulator does not serve (answered 404 NotFound; not in `requests`).
+        self.unrouted = 0
         self.by_status: dict[int, int] = {}
         self.by_fault: dict[str, int] = {}
         self.by_model: dict[str, int] = {}
@@ -78,6 +80,7 @@ class Stats:
         """The JSON-ready view served at GET /_emulator/stats."""
         data: dict[str, Any] = {
             "requests": self.requests,
+            "unrouted": self.unrouted,
             "by_status": {str(code): n for code, n in sorted(self.by_status.items())},
             "by_fault": dict(self.by_fault),
             "by_model": dict(self.by_model),
