@@ -389,4 +389,4 @@ def test_reset_restarts_the_schedule() -> None:
         http.post(COMPAT, json=body(4))
         stats = emu.stats(keys=False)
     assert stats["limits"]["schedule_factor"] == 0.5
-    assert stats["clock"] == {"origin": 100.0, "last_arrival": 105.0}
+    assert stats["clock"] == {"origin": 100.0, "last_arrival": 105.0, "last_ok": 105.0}

@@ -117,7 +117,7 @@ def test_per_second_series_count_from_the_first_request() -> None:
             clock.now = t
             post(http, int(t * 10))
         stats = emu.stats(keys=False)
-    assert stats["clock"] == {"origin": 10.0, "last_arrival": 14.5}
+    assert stats["clock"] == {"origin": 10.0, "last_arrival": 14.5, "last_ok": 13.9}
     assert stats["series"] == {
         "arrived": [2, 1, 0, 1, 1],
         "admitted": [1, 1, 0, 1, 0],

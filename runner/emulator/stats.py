@@ -79,6 +79,7 @@ class Stats:
     def reset(self) -> None:
         self.origin: float | None = None
         self.last_arrival: float | None = None
+        self.last_ok: float | None = None
         self.series = {name: Series() for name in SERIES}
         self.clients: dict[str, ClientStats] = {}
         # One entry per request when keep_log (see LOG_FIELDS); None otherwise.
@@ -125,10 +126,6 @@ class Stats:
         self.series["arrived"].add(second)
         return second
 
-    def second(self) -> int:
-        """The current second since the origin (0 before the first request)."""
-        return 0 if self.origin is None else max(0, int(self.clock() - self.origin))
-
     def client(self, label: str, second: int) -> ClientStats:
         """The counters of the client `label`, counting this request's arrival."""
         client = self.clients.get(label)
@@ -160,7 +157,8 @@ class Stats:
 
     def succeeded(self, key: str, client: ClientStats | None = None) -> None:
         """A full answer was sent: a plain 200, or a stream up to and including its final frame."""
-        self.mark("ok", client, self.second())
+        now = self.last_ok = self.clock()
+        self.mark("ok", client, 0 if self.origin is None else max(0, int(now - self.origin)))
         entry = self.keys.get(key)
         if entry is None:  # the key arrived before a reset; count it afresh
             self.keys[key] = entry = [0, 0]
@@ -201,7 +199,7 @@ class Stats:
         data["max_in_flight"] = self.max_in_flight
         data["in_flight"] = self.in_flight
         length = max((len(x.counts) for x in self.series.values()), default=0)
-        data["clock"] = {"origin": self.origin, "last_arrival": self.last_arrival}
+        data["clock"] = {"origin": self.origin, "last_arrival": self.last_arrival, "last_ok": self.last_ok}
         data["series"] = {name: self.series[name].padded(length) for name in SERIES}
         data["clients"] = {label: c.view(length) for label, c in sorted(self.clients.items())}
         data["limits"] = self.limits_view()
