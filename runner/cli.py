@@ -285,6 +285,16 @@ def summary(output: str, as_json: bool) -> int:
               help="Inject a fault into this fraction of attempts, e.g. --fault 429=0.1 --fault 500=0.05.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the deterministic fault draw.")
 @click.option("--retry-after", type=float, help="Send Retry-After with 429s (the real API sends none).")
+@click.option("--retry-after-503", type=float, metavar="S", help="Send Retry-After with 503s (the real API sends none).")
+@click.option("--fail-first", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="Answer the first N requests that pass the rate limits with --fail-first-fault.")
+@click.option("--fail-first-fault", default="429", show_default=True, metavar="NAME",
+              help="The fault --fail-first sends (a --fault name).")
+@click.option("--limit-schedule", metavar="S:F,...",
+              help="Scale every rate limit by F from S seconds after the first request, e.g. 30:0.5,60:1 "
+                   "halves the limits at 30 s and restores them at 60 s.")
+@click.option("--request-log", is_flag=True,
+              help="Keep a log of every request (arrival, answer, status, row key) at /_emulator/stats?log=1.")
 @click.option("--stream-chunks", default=8, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Cut each streamed answer (reasoning, then content) into at most N frames.")
 @click.option("--chunk-delay-ms", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="MS",
@@ -315,13 +325,15 @@ def summary(output: str, as_json: bool) -> int:
                    "the error file as batch_expired). Default: batches complete.")
 @_funnel
 def emulator(host: str, port: int, latency_ms: float, jitter_ms: float, faults: tuple[str, ...], seed: int,
-             retry_after: float | None, stream_chunks: int, chunk_delay_ms: float, native_stream_errors: str,
+             retry_after: float | None, retry_after_503: float | None, fail_first: int, fail_first_fault: str,
+             limit_schedule: str | None, request_log: bool, stream_chunks: int, chunk_delay_ms: float, native_stream_errors: str,
              rpm: float | None, tpm: float | None, limits: tuple[str, ...], burst_factor: float | None,
              batch_time_scale: float, batch_phase_seconds: float, batch_line_faults: float,
              batch_fail_validation: bool, batch_expire_after: float | None) -> int:
     """Serve a local stand-in for DashScope (both dialects, and the files and batches API) for rehearsals,
     tests and benchmarks."""
-    from .emulator import EmulatorConfig, FaultRates, parse_fault_spec, parse_limit_spec, run_forever
+    from .emulator import (EmulatorConfig, FaultRates, parse_fault_spec, parse_limit_schedule, parse_limit_spec,
+                           run_forever)
 
     try:
         parsed = FaultRates(dict(parse_fault_spec(text) for text in faults))
@@ -332,8 +344,14 @@ def emulator(host: str, port: int, latency_ms: float, jitter_ms: float, faults: 
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--limit") from None
     try:
+        schedule = parse_limit_schedule(limit_schedule) if limit_schedule else ()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--limit-schedule") from None
+    try:
         config = EmulatorConfig(latency_ms=latency_ms, latency_jitter_ms=jitter_ms, faults=parsed, seed=seed,
-                                retry_after=retry_after, stream_chunks=stream_chunks, chunk_delay_ms=chunk_delay_ms,
+                                retry_after=retry_after, retry_after_503=retry_after_503, fail_first=fail_first,
+                                fail_first_fault=fail_first_fault, limit_schedule=schedule, request_log=request_log,
+                                stream_chunks=stream_chunks, chunk_delay_ms=chunk_delay_ms,
                                 native_stream_error_status=native_stream_errors, rpm=rpm, tpm=tpm,
                                 limits=per_model, burst_factor=burst_factor, batch_time_scale=batch_time_scale,
                                 batch_phase_seconds=batch_phase_seconds, batch_line_fault_rate=batch_line_faults,

@@ -328,6 +328,10 @@ ERROR_FAULTS = [
     ("400", 400, "InvalidParameter", "invalid_parameter_error"),
     ("moderation", 400, "DataInspectionFailed", "data_inspection_failed"),
     ("arrearage", 400, "Arrearage", "Arrearage"),
+    ("429throttling", 429, "Throttling", "Throttling"),
+    ("429concurrency", 429, "Throttling.Concurrency", "Throttling.Concurrency"),
+    ("500capacity", 500, "ModelServingError", "ModelServingError"),
+    ("503capacity", 503, "ModelServingError", "ModelServingError"),
 ]
 
 

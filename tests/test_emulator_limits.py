@@ -1,5 +1,6 @@
-"""Emulator rate limits: per-second RPM/TPM buckets per model, overrides, the burst rule (all
-driven by an injected clock), and 429 bodies over loopback."""
+"""Emulator rate limits: per-second RPM/TPM buckets per model, overrides, the burst rule, limits
+that move (a schedule, set_limits, POST /_emulator/limits) (all driven by an injected clock), and
+429 bodies over loopback."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import main
-from runner.emulator import Emulator, EmulatorConfig, LimitTable, RateLimits, parse_limit_spec
+from runner.emulator import (
+    Emulator,
+    EmulatorConfig,
+    LimitTable,
+    RateLimits,
+    parse_limit_schedule,
+    parse_limit_spec,
+)
 from runner.emulator.limits import ModelGate
 
 COMPAT = "/compatible-mode/v1/chat/completions"
@@ -254,3 +262,131 @@ def test_tpm_and_burst_rejections_send_their_real_bodies() -> None:
         assert burst.json()["error"]["message"].startswith("Request rate increased too quickly.")
         stats = emu.stats(keys=False)
     assert stats["rejected"] == {"rpm": 0, "tpm": 2, "burst": 1}
+
+
+# -- limits that move ------------------------------------------------------------------------
+
+
+def test_schedule_scales_every_limit_from_the_first_request() -> None:
+    """limit_schedule times count from the first request: RPM 120 (2/s) becomes 1/s at +10 s and
+    2/s again at +20 s; each bucket keeps what it had (capped) and refills at the new rate."""
+    clock = FakeClock()
+    limits = limiter(clock, rpm=120, limits={"qwen-max": (600, None)},
+                     schedule=((10.0, 0.5), (20.0, 1.0)))
+    clock.now = 100.0  # the origin: the first request, not the limiter's creation
+    assert [limits.check("m", 1) for _ in range(3)] == [None, None, "rpm"]
+    clock.now = 109.9
+    assert limits.limit_for("m") == (120, None)
+    clock.now = 110.0
+    assert [limits.check("m", 1) for _ in range(2)] == [None, "rpm"]  # capacity 1 now
+    assert limits.limit_for("m") == (60, None) and limits.limit_for("qwen-max") == (300, None)
+    clock.now = 110.5
+    assert limits.check("m", 1) == "rpm"  # 0.5 refilled at the new 1/s
+    clock.now = 111.0
+    assert limits.check("m", 1) is None
+    clock.now = 120.0  # refilled to 1 at 1/s before the change; the new capacity is 2
+    assert [limits.check("m", 1) for _ in range(2)] == [None, "rpm"]
+    clock.now = 120.5
+    assert limits.check("m", 1) is None  # 0.5 s at the restored 2/s
+    assert [(c["t"], c["source"], c["scale"], c["rpm"]) for c in limits.changes] == [
+        (10.0, "schedule", 0.5, 60.0), (20.0, "schedule", 1.0, 120.0)]
+
+
+def test_schedule_text_and_config_validation() -> None:
+    """"30:0.5,60:1" parses to pairs; times must increase, factors be > 0; the config takes either."""
+    assert parse_limit_schedule("30:0.5,60:1") == ((30.0, 0.5), (60.0, 1.0))
+    for bad in ("30", "30:x", "60:1,30:0.5", "-1:0.5", "10:0", "10:inf", "10:1,10:2"):
+        with pytest.raises(ValueError):
+            parse_limit_schedule(bad)
+    a = EmulatorConfig(rpm=600, limit_schedule="30:0.5,60:1")
+    b = EmulatorConfig(rpm=600, limit_schedule=[(30, 0.5), (60, 1)])
+    assert a == b and hash(a) == hash(b) and a.limit_schedule == ((30.0, 0.5), (60.0, 1.0))
+    with pytest.raises(ValueError):
+        EmulatorConfig(limit_schedule=((5, 1), (3, 1)))
+
+
+def test_cli_rejects_a_bad_limit_schedule() -> None:
+    """`runner emulator --limit-schedule 30` is a usage error naming the flag and the format."""
+    result = CliRunner().invoke(main, ["emulator", "--limit-schedule", "30"])
+    assert result.exit_code == 2
+    assert "--limit-schedule" in result.output and "SECONDS:FACTOR" in result.output
+
+
+def test_set_limits_moves_rate_and_capacity_at_once() -> None:
+    """set_limits replaces the global rpm/tpm or scales them; buckets follow at once (level capped
+    at the new capacity), None lifts a limit, and a model with no limit gets one."""
+    clock = FakeClock()
+    limits = limiter(clock, rpm=600)  # 10 per second
+    assert all(limits.check("m", 1) is None for _ in range(10))
+    limits.set_limits(rpm=60)
+    assert limits.check("m", 1) == "rpm"
+    clock.now = 1.0
+    assert [limits.check("m", 1) for _ in range(2)] == [None, "rpm"]
+    limits.set_limits(rpm=None)
+    assert not limits.active and limits.check("m", 10**9) is None
+    limits.set_limits(rpm=1200, scale=0.5)  # 10 per second, from a full bucket
+    assert limits.limit_for("m") == (600, None)
+    results = [limits.check("m", 1) for _ in range(11)]
+    assert results.count(None) == 10 and results[-1] == "rpm"
+    limits.set_limits(tpm=600)  # 10 tokens per second on top
+    clock.now = 2.0
+    assert limits.check("m", 20) is None  # a full (scaled) tokens bucket: 5 tokens of capacity
+    assert limits.check("m", 1) == "tpm"
+    assert [c["source"] for c in limits.changes] == ["set"] * 4
+    for bad in ({"rpm": 0}, {"tpm": -1}, {"scale": 0}, {"scale": float("inf")}, {"rpm": True}):
+        with pytest.raises(ValueError):
+            limits.set_limits(**bad)
+
+
+def test_limits_endpoint_changes_the_limit_at_a_precise_moment() -> None:
+    """POST /_emulator/limits applies at once and answers the limits in force; GET shows them;
+    bad bodies are 400s; the change is listed in the stats."""
+    clock = FakeClock()
+    with Emulator(EmulatorConfig(rpm=6000), clock=clock) as emu, httpx.Client(
+        base_url=emu.url, headers=AUTH, timeout=10
+    ) as http:
+        assert http.post(COMPAT, json=body(0)).status_code == 200
+        r = http.post("/_emulator/limits", json={"rpm": 120})
+        assert r.status_code == 200 and r.json()["effective"] == {"rpm": 120.0, "tpm": None}
+        codes = [http.post(COMPAT, json=body(n)).status_code for n in range(1, 4)]
+        assert codes == [200, 200, 429]  # capacity 2 at once, nothing refilled yet
+        r = http.post("/_emulator/limits", json={"scale": 0.5, "tpm": None})
+        assert r.json()["effective"]["rpm"] == 60.0
+        assert http.get("/_emulator/limits").json()["scale"] == 0.5
+        for bad in (b"nope", b"[1]", b'{"rpm": 0}', b'{"burst": 2}', b'{"scale": null}',
+                    b'{"rpm": "fast"}'):
+            r = http.post("/_emulator/limits", content=bad)
+            assert r.status_code == 400 and r.json()["error"], bad
+        assert http.post("/_emulator/limits", json={"rpm": None}).json()["effective"]["rpm"] is None
+        assert all(http.post(COMPAT, json=body(n)).status_code == 200 for n in range(10))
+        changes = emu.stats(keys=False)["limits"]["changes"]
+    assert [(c["source"], c["rpm"]) for c in changes] == [("set", 120.0), ("set", 60.0),
+                                                           ("set", None)]
+    assert emu.set_limits(rpm=60)["effective"]["rpm"] == 30.0  # scale 0.5 still applies
+
+
+def test_reset_restarts_the_schedule() -> None:
+    """After POST /_emulator/reset the schedule counts again from the next first request."""
+    clock = FakeClock()
+    with Emulator(EmulatorConfig(rpm=600, limit_schedule=((5.0, 0.5),)), clock=clock) as emu, \
+            httpx.Client(base_url=emu.url, headers=AUTH, timeout=10) as http:
+        clock.now = 1.0
+        http.post(COMPAT, json=body(0))
+        clock.now = 6.0
+        http.post(COMPAT, json=body(1))
+        limits = emu.stats(keys=False)["limits"]
+        assert (limits["origin"], limits["schedule_factor"]) == (1.0, 0.5)
+        assert [(c["t"], c["rpm"]) for c in limits["changes"]] == [(5.0, 300.0)]
+        assert http.post("/_emulator/reset").status_code == 200
+        limits = emu.stats(keys=False)["limits"]
+        assert (limits["origin"], limits["schedule_factor"], limits["changes"]) == (None, 1.0, [])
+        clock.now = 100.0
+        http.post(COMPAT, json=body(2))
+        clock.now = 104.9
+        http.post(COMPAT, json=body(3))
+        assert emu.stats(keys=False)["limits"]["schedule_factor"] == 1.0
+        clock.now = 105.0
+        http.post(COMPAT, json=body(4))
+        stats = emu.stats(keys=False)
+    assert stats["limits"]["schedule_factor"] == 0.5
+    assert stats["clock"] == {"origin": 100.0, "last_arrival": 105.0, "last_ok": 105.0}

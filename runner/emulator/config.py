@@ -6,8 +6,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .faults import FaultRates
+from .faults import FAULT_NAMES, STREAM_FAULTS, FaultRates
 from .limits import Limit, LimitTable, check_rate
+from .schedule import Schedule, check_schedule
 
 DEFAULT_MODELS: frozenset[str] = frozenset(
     {
@@ -63,6 +64,23 @@ class EmulatorConfig:
     value and ``inf`` lifts it. `burst_factor` (None: off) and `burst_window_s` configure
     Throttling.BurstRate. Accepted as a mapping, pairs or "MODEL=RPM:TPM" strings.
 
+    `retry_after` (seconds) is sent as Retry-After on every 429 (rate-caused or a fault) and
+    `retry_after_503` on every 503: the real API sends neither (facts 2.3), so both default to
+    None; they are separate so a test can give one without the other.
+
+    Limits that move (the quota is shared with the account's other jobs): `limit_schedule` is a
+    tuple of (seconds, factor) pairs (or "30:0.5,60:1"): from that many seconds after the first
+    request (after start, or after a stats reset) every limit is scaled by factor (see
+    schedule.py). POST /_emulator/limits changes them at any moment.
+
+    `fail_first` (N) answers the first N requests that pass the limiter with the fault
+    `fail_first_fault` instead of the random draw, in arrival order: a deterministic 429 (or
+    503, ...) for tests. Not restarted by a stats reset.
+
+    `request_log` keeps one entry per request (arrival and answer time on the emulator's clock,
+    status, row key, attempt, client), served at GET /_emulator/stats?log=1; off by default,
+    since it grows with every request.
+
     Batches (see batches.py): emulated time runs `batch_time_scale` times as fast as the clock;
     each phase (validating, in_progress, finalizing) lasts `batch_phase_seconds` emulated
     seconds. `batch_line_fault_rate` of the lines (by a hash of seed and custom_id) go to the
@@ -88,6 +106,11 @@ class EmulatorConfig:
     limits: Mapping[str, Limit] = field(default_factory=LimitTable)
     burst_window_s: float = 1.0
     burst_factor: float | None = None
+    retry_after_503: float | None = None
+    limit_schedule: Schedule = ()
+    fail_first: int = 0
+    fail_first_fault: str = "429"
+    request_log: bool = False
     batch_time_scale: float = 1.0
     batch_phase_seconds: float = 60.0
     batch_line_fault_rate: float = 0.0
@@ -110,8 +133,18 @@ class EmulatorConfig:
             object.__setattr__(self, "models", frozenset(self.models))
         for name in ("latency_ms", "latency_jitter_ms", "slow_ms", "hang_seconds"):
             _check_non_negative(name, getattr(self, name))
-        if self.retry_after is not None:
-            _check_non_negative("retry_after", self.retry_after)
+        for name in ("retry_after", "retry_after_503"):
+            if getattr(self, name) is not None:
+                _check_non_negative(name, getattr(self, name))
+        object.__setattr__(self, "limit_schedule", check_schedule(self.limit_schedule))
+        first = self.fail_first
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise ValueError(f"fail_first must be an integer >= 0, got {first!r}")
+        if self.fail_first_fault not in FAULT_NAMES or self.fail_first_fault in STREAM_FAULTS:
+            raise ValueError(
+                f"fail_first_fault must be a fault name that is not stream-only, got "
+                f"{self.fail_first_fault!r}"
+            )
         chunks = self.stream_chunks
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"stream_chunks must be an integer >= 1, got {chunks!r}")

@@ -35,6 +35,12 @@ FAULT_NAMES: tuple[str, ...] = (
     "stream_truncate",  # some frames, then a clean end without the final frame(s)
     "stream_malformed",  # some frames, then one frame whose data is not JSON, then the end
     "stream_error",  # some frames, then an in-band quota error (429 AllocationQuota), then the end
+    # Capacity throttling at peak time (dashscope-api.md 5.2): it does not depend on the caller's
+    # rate. Appended, not inserted, so the intervals of the older names keep their places.
+    "429throttling",  # Throttling: "Requests throttling triggered."
+    "429concurrency",  # Throttling.Concurrency: "Too many concurrent requests."
+    "500capacity",  # 500 ModelServingError: "... throttled due to system capacity limits ..."
+    "503capacity",  # 503 ModelServingError, the same body
 )
 STREAM_FAULTS: frozenset[str] = frozenset(n for n in FAULT_NAMES if n.startswith("stream_"))
 _ORDER = {name: i for i, name in enumerate(FAULT_NAMES)}

@@ -30,7 +30,7 @@ from .sse import (
     native_plan,
 )
 from .state import EmulatorState
-from .stats import bump
+from .stats import ClientStats, bump
 
 _JSON = "application/json"
 _HTML = "text/html"
@@ -44,9 +44,10 @@ LIMIT_ERRORS = {"rpm": "429", "tpm": "429tpm", "burst": "429burst"}
 
 class Exchange:
     """One request being answered: its request id, dialect and model, and how its errors are
-    framed (a native stream frames them as SSE, see EmulatorConfig.native_stream_error_status)."""
+    framed (a native stream frames them as SSE, see EmulatorConfig.native_stream_error_status);
+    the client (API key) it counts for, and its request log entry when there is a log."""
 
-    __slots__ = ("state", "dialect", "rid", "model", "native_sse")
+    __slots__ = ("state", "dialect", "rid", "model", "native_sse", "client", "entry")
 
     def __init__(self, state: EmulatorState, dialect: Dialect, rid: str, native_sse: bool) -> None:
         self.state = state
@@ -54,10 +55,16 @@ class Exchange:
         self.rid = rid
         self.model: str | None = None
         self.native_sse = native_sse
+        self.client: ClientStats | None = None
+        self.entry: list[Any] | None = None
 
     def count(self, status: int) -> None:
         stats = self.state.stats
         bump(stats.by_status, status)
+        entry = self.entry
+        if entry is not None:
+            entry[1] = stats.clock()
+            entry[2] = status
         if self.model is not None:
             per_model = stats.by_model_status.get(self.model)
             if per_model is None:
@@ -79,8 +86,8 @@ class Exchange:
 
     def error(self, err: ApiError) -> web.Response:
         status, body = self.dialect.error(err, self.rid)
-        retry_after = self.state.retry_after
-        extra = {"Retry-After": retry_after} if status == 429 and retry_after is not None else None
+        retry_after = self.state.retry_after.get(status)
+        extra = {"Retry-After": retry_after} if retry_after is not None else None
         if not self.native_sse:
             return self.reply(status, dump(body), _JSON, extra)
         frame = native_frame(dump(body), 0, "error", status)
@@ -96,7 +103,7 @@ async def answer(
 ) -> web.StreamResponse:
     config = state.config
     stats = state.stats
-    stats.requests += 1
+    second = state.arrive()
     bump(stats.by_dialect, dialect.name)
     headers = request.headers
     workspace = headers.get("X-DashScope-WorkSpace")
@@ -104,17 +111,23 @@ async def answer(
         bump(stats.workspaces, workspace)
     ex = Exchange(state, dialect, new_request_id(state.rng.getrandbits(128)),
                   dialect.sse_requested(headers))
+    if stats.log is not None:
+        ex.entry = entry = [stats.last_arrival, None, None, None, None, None, None]
+        stats.log.append(entry)
 
     # Order: auth, body, model, semantics, rate limits, then the injected fault, so permanent
     # request errors are reported the same way on every attempt.
     try:
-        state.check_auth(headers.get("Authorization"))
+        label = state.client_label(state.check_auth(headers.get("Authorization")))
+        ex.client = stats.client(label, second)
         call = dialect.parse(await request.read(), headers)
         ex.model = call.model
         bump(stats.by_model, call.model)
         bump(stats.by_stream, "stream" if call.stream else "plain")
         key = headers.get("X-Runner-Row-Key") or row_key(call.messages)
         attempt = stats.received(key)
+        if ex.entry is not None:
+            ex.entry[3:6] = label, key, attempt
         if call.model not in config.models:
             raise ApiError("model_not_found", call.model)
         done = complete(call)
@@ -122,13 +135,15 @@ async def answer(
         verdict = state.limits.check(call.model, tokens)
         if verdict is not None:
             stats.rejected[verdict] += 1
+            stats.mark("rejected", ex.client, second)
             raise ApiError(LIMIT_ERRORS[verdict])
         stats.admit(call.model, tokens)
+        stats.mark("admitted", ex.client, second)
     except ApiError as err:
         await state.delay()
         return ex.error(err)
 
-    fault = config.faults.pick(config.seed, key, attempt)
+    fault = state.first_fault() or config.faults.pick(config.seed, key, attempt)
     if fault in STREAM_FAULTS and not call.stream:
         fault = None  # stream faults spare plain requests
     if fault is None:
@@ -136,6 +151,9 @@ async def answer(
         return await _success(request, ex, call, done, key)
 
     bump(stats.by_fault, fault)
+    stats.mark("faulted", ex.client, second)
+    if ex.entry is not None:
+        ex.entry[6] = fault
     if fault in ERRORS:
         await state.delay()
         return ex.error(ApiError(fault))
@@ -168,7 +186,7 @@ async def _success(
 ) -> web.StreamResponse:
     if call.stream:
         return await _stream(request, ex, call, done, key, None)
-    ex.state.stats.succeeded(key)
+    ex.state.stats.succeeded(key, ex.client)
     return ex.reply(200, dump(ex.dialect.success(call, done, ex.rid)))
 
 
@@ -250,7 +268,7 @@ async def _stream(
             transport.abort()
         return response
     if fault is None:
-        state.stats.succeeded(key)
+        state.stats.succeeded(key, ex.client)
     return response
 
 

@@ -18,6 +18,12 @@ order burst, requests, tokens; nothing is taken unless all pass, and a rejected 
 nothing. The first failing check names the rejection: "burst" (Throttling.BurstRate), "rpm"
 (Throttling.RateQuota) or "tpm" (Throttling.AllocationQuota).
 
+Limits can move at run time (a real account shares its quota with every other job on it): a
+schedule scales every limit at set times after the first request (see schedule.py), and
+``set_limits`` replaces the global rpm/tpm or scales them (``POST /_emulator/limits``). Every
+model's buckets follow at once: each is refilled at the old rate up to the change, then keeps its
+level (capped at the new capacity) and refills at the new rate.
+
 Time comes from an injected ``clock`` (seconds, monotonic), so tests can drive it.
 """
 
@@ -30,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .frozen import FrozenPairs
+from .schedule import Schedule, check_schedule, factor_at
 
 Limit = tuple[float | None, float | None]  # (rpm, tpm); None: no limit (or inherit, in overrides)
 
@@ -116,6 +123,13 @@ class Bucket:
     def take(self, cost: float) -> None:
         self.level -= cost
 
+    def retarget(self, per_second: float, now: float) -> None:
+        """A new rate: what accrued at the old rate is kept, capped at the new capacity."""
+        self.refill(now)
+        self.per_second = per_second
+        if self.level > per_second:
+            self.level = per_second
+
 
 class BurstGuard:
     """Throttling.BurstRate: reject a request when admitted traffic jumps too fast.
@@ -183,6 +197,15 @@ class ModelGate:
             else None
         )
 
+    def retarget(self, rpm: float | None, tpm: float | None, now: float) -> None:
+        """Follow a changed limit (None: no limit on that side)."""
+        rps = rpm / 60.0 if rpm is not None and math.isfinite(rpm) else None
+        tps = tpm / 60.0 if tpm is not None and math.isfinite(tpm) else None
+        self.requests = _retargeted(self.requests, rps, now)
+        self.tokens = _retargeted(self.tokens, tps, now)
+        if self.burst is not None:
+            self.burst.floor = max(1.0, (rps or 0.0) * self.burst.window / 10.0)
+
     def check(self, now: float, tokens: int) -> str | None:
         """Admit (None, and take from the buckets) or name the rejection."""
         burst, requests, bucket = self.burst, self.requests, self.tokens
@@ -205,8 +228,26 @@ class ModelGate:
         return None
 
 
+def _retargeted(bucket: Bucket | None, per_second: float | None, now: float) -> Bucket | None:
+    if per_second is None:
+        return None
+    if bucket is None:
+        return Bucket(per_second, now)  # a limit where there was none starts full
+    bucket.retarget(per_second, now)
+    return bucket
+
+
+class _Unchanged:
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED: Any = _Unchanged()  # set_limits: leave this one as it is ("not given" is not None)
+
+
 class RateLimits:
-    """Every model's gate, made on first use from the config (global rpm/tpm, overrides)."""
+    """Every model's gate, made on first use from the config (global rpm/tpm, overrides), scaled
+    by the schedule's factor and by the factor set at run time."""
 
     def __init__(
         self,
@@ -216,6 +257,7 @@ class RateLimits:
         burst_factor: float | None = None,
         burst_window_s: float = 1.0,
         clock: Callable[[], float] | None = None,
+        schedule: Schedule | Iterable[Any] = (),
     ) -> None:
         self.rpm = rpm
         self.tpm = tpm
@@ -223,22 +265,49 @@ class RateLimits:
         self.burst_factor = burst_factor
         self.burst_window_s = burst_window_s
         self.clock = clock or time.monotonic
+        self.schedule = check_schedule(schedule)
+        self.scale = 1.0  # set at run time (set_limits)
+        self.schedule_factor = 1.0
+        # Every change applied, oldest first: {"at", "t", "source", "scale", "rpm", "tpm"}.
+        self.changes: list[dict[str, Any]] = []
+        self._origin: float | None = None
+        self._next_change = math.inf
         self._gates: dict[str, ModelGate | None] = {}
+        self._update_active()
+
+    def _update_active(self) -> None:
         # No limit anywhere: skip the clock and the dict on the hot path.
         self.active = bool(
-            rpm is not None or tpm is not None or burst_factor is not None
+            self.rpm is not None or self.tpm is not None or self.burst_factor is not None
             or any(r is not None or t is not None for r, t in self.limits.values())
         )
 
-    def limit_for(self, model: str) -> Limit:
-        """(rpm, tpm) for `model`: its override where given, else the global value."""
-        rpm, tpm = self.limits.get(model, (None, None))
-        return (self.rpm if rpm is None else rpm, self.tpm if tpm is None else tpm)
+    @property
+    def factor(self) -> float:
+        """What every configured limit is multiplied by now."""
+        return self.scale * self.schedule_factor
 
-    def check(self, model: str, tokens: int) -> str | None:
+    def limit_for(self, model: str) -> Limit:
+        """(rpm, tpm) in force for `model`: its override where given, else the global value, times
+        the current factor."""
+        rpm, tpm = self.limits.get(model, (None, None))
+        rpm = self.rpm if rpm is None else rpm
+        tpm = self.tpm if tpm is None else tpm
+        factor = self.factor
+        if factor != 1.0:
+            rpm = None if rpm is None else rpm * factor
+            tpm = None if tpm is None else tpm * factor
+        return rpm, tpm
+
+    def check(self, model: str, tokens: int, now: float | None = None) -> str | None:
         """Admit one request of `tokens` tokens for `model` (None) or return "burst"/"rpm"/"tpm"."""
         if not self.active:
             return None
+        if now is None:
+            now = self.clock()
+        if now >= self._next_change or self._origin is None:
+            self.start_schedule(now)
+            self._follow_schedule(now)
         gates = self._gates
         try:
             gate = gates[model]
@@ -246,11 +315,111 @@ class RateLimits:
             rpm, tpm = self.limit_for(model)
             gate = None
             if rpm is not None or tpm is not None or self.burst_factor is not None:
-                gate = ModelGate(rpm, tpm, self.burst_factor, self.burst_window_s, self.clock())
+                gate = ModelGate(rpm, tpm, self.burst_factor, self.burst_window_s, now)
             gates[model] = gate
         if gate is None:
             return None
-        return gate.check(self.clock(), tokens)
+        return gate.check(now, tokens)
+
+    # -- limits that move ------------------------------------------------------------------
+
+    def start_schedule(self, now: float) -> None:
+        """Start the schedule's clock at `now` unless it runs already (the first request after
+        start or reset_schedule starts it; check() does too)."""
+        if self._origin is None:
+            self._origin = now
+            self._next_change = now if self.schedule else math.inf
+
+    def reset_schedule(self) -> None:
+        """Back to the schedule's start: factor 1 until the next first request, no changes listed."""
+        self._origin = None
+        self._next_change = math.inf
+        if self.schedule_factor != 1.0:
+            self.schedule_factor = 1.0
+            self._retarget(self.clock())
+        self.changes.clear()
+
+    def _follow_schedule(self, now: float) -> None:
+        if self._origin is None:
+            return
+        factor, next_at = factor_at(self.schedule, now - self._origin)
+        self._next_change = self._origin + next_at
+        if factor != self.schedule_factor:
+            self.schedule_factor = factor
+            self._retarget(now)
+            self._record(now, "schedule")
+
+    def set_limits(
+        self,
+        *,
+        rpm: float | None = UNCHANGED,
+        tpm: float | None = UNCHANGED,
+        scale: float = UNCHANGED,
+        now: float | None = None,
+    ) -> None:
+        """Change the global rpm/tpm (None: no limit) or the run-time scale at once; what is not
+        given stays. Per-model overrides stay, scaled like everything else."""
+        for name, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not UNCHANGED and value is not None:
+                check_rate(name, value)
+        if scale is not UNCHANGED and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float))
+            or not (math.isfinite(scale) and scale > 0)
+        ):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        if now is None:
+            now = self.clock()
+        if rpm is not UNCHANGED:
+            self.rpm = None if rpm is None else float(rpm)
+        if tpm is not UNCHANGED:
+            self.tpm = None if tpm is None else float(tpm)
+        if scale is not UNCHANGED:
+            self.scale = float(scale)
+        self._update_active()
+        if self._origin is not None and self.schedule:
+            self.schedule_factor, next_at = factor_at(self.schedule, now - self._origin)
+            self._next_change = self._origin + next_at
+        self._retarget(now)
+        self._record(now, "set")
+
+    def _retarget(self, now: float) -> None:
+        gates = self._gates
+        for model in list(gates):
+            gate = gates[model]
+            if gate is None:
+                del gates[model]  # had no limit: made afresh on its next request
+            else:
+                gate.retarget(*self.limit_for(model), now)
+
+    def _record(self, now: float, source: str) -> None:
+        rpm, tpm = self.rpm, self.tpm
+        factor = self.factor
+        self.changes.append({
+            "at": now,
+            "t": None if self._origin is None else now - self._origin,
+            "source": source,
+            "scale": factor,
+            "rpm": None if rpm is None else rpm * factor,
+            "tpm": None if tpm is None else tpm * factor,
+        })
+
+    def view(self) -> dict[str, Any]:
+        """The limits now, JSON-ready (stats and GET /_emulator/limits)."""
+        factor = self.factor
+        return {
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "scale": self.scale,
+            "schedule_factor": self.schedule_factor,
+            "effective": {
+                "rpm": None if self.rpm is None else self.rpm * factor,
+                "tpm": None if self.tpm is None else self.tpm * factor,
+            },
+            "overrides": {m: list(v) for m, v in sorted(self.limits.items())},
+            "schedule": [list(p) for p in self.schedule],
+            "origin": self._origin,
+            "changes": [dict(c) for c in self.changes],
+        }
 
 
 __all__ = [
@@ -259,6 +428,7 @@ __all__ = [
     "LimitTable",
     "ModelGate",
     "RateLimits",
+    "UNCHANGED",
     "check_rate",
     "parse_limit_spec",
 ]

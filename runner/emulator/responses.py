@@ -37,6 +37,10 @@ class ErrorSpec(NamedTuple):
 
 _KEY_LINK = "https://www.alibabacloud.com/help/en/model-studio/error-code#apikey-error"
 _INTERNAL = "An internal error has occurred, please try again later or contact service support."
+_CAPACITY = (
+    "Too many requests. Your requests are being throttled due to system capacity limits. "
+    "Please try again later."
+)
 
 ERRORS: dict[str, ErrorSpec] = {
     "invalid_api_key": ErrorSpec(
@@ -82,6 +86,20 @@ ERRORS: dict[str, ErrorSpec] = {
     "503": ErrorSpec(
         503, "ModelUnavailable", "Model is unavailable, please try again later.",
         "ModelUnavailable", "ModelUnavailable", "Model is unavailable, please try again later.",
+    ),
+    "429throttling": ErrorSpec(
+        429, "Throttling", "Requests throttling triggered.",
+        "Throttling", "Throttling", "Requests throttling triggered.",
+    ),
+    "429concurrency": ErrorSpec(
+        429, "Throttling.Concurrency", "Too many concurrent requests.",
+        "Throttling.Concurrency", "Throttling.Concurrency", "Too many concurrent requests.",
+    ),
+    "500capacity": ErrorSpec(
+        500, "ModelServingError", _CAPACITY, "ModelServingError", "ModelServingError", _CAPACITY
+    ),
+    "503capacity": ErrorSpec(
+        503, "ModelServingError", _CAPACITY, "ModelServingError", "ModelServingError", _CAPACITY
     ),
     "400": ErrorSpec(
         400, "InvalidParameter",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -43,11 +45,12 @@ def build_app(
         return await _handle(request, state, DASHSCOPE)
 
     async def stats_handler(request: web.Request) -> web.Response:
-        keys = request.query.get("keys", "1").lower() not in ("0", "false", "no")
-        return web.json_response(state.stats.snapshot(keys=keys))
+        keys = _flag(request, "keys", True)
+        log = _flag(request, "log", False)
+        return web.json_response(state.stats.snapshot(keys=keys, log=log))
 
     async def reset_handler(request: web.Request) -> web.Response:
-        state.stats.reset()
+        state.reset()
         return web.json_response({"reset": True})
 
     async def unknown_path(request: web.Request) -> web.Response:
@@ -58,6 +61,17 @@ def build_app(
         rid = new_request_id(state.rng.getrandbits(128))
         body = dump({"code": "NotFound", "message": "Not found!", "request_id": rid})
         return web.Response(body=body, status=404, content_type="application/json", headers={"x-request-id": rid})
+
+    async def limits_get_handler(request: web.Request) -> web.Response:
+        return web.json_response(state.limits.view())
+
+    async def limits_post_handler(request: web.Request) -> web.Response:
+        try:
+            change = parse_limits_change(await request.read())
+            state.limits.set_limits(**change)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(state.limits.view())
 
     async def wake_sleepers(app: web.Application) -> None:
         state.sleeper.wake_all()
@@ -70,9 +84,38 @@ def build_app(
     add_batch_routes(app, state, OPENAI_PREFIX)
     app.router.add_get("/_emulator/stats", stats_handler)
     app.router.add_post("/_emulator/reset", reset_handler)
+    app.router.add_get("/_emulator/limits", limits_get_handler)
+    app.router.add_post("/_emulator/limits", limits_post_handler)
     app.router.add_route("*", "/{path:.*}", unknown_path)  # last: only what no route above serves
     app.on_shutdown.append(wake_sleepers)
     return app
+
+
+def _flag(request: web.Request, name: str, default: bool) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    return value.lower() not in ("0", "false", "no")
+
+
+LIMITS_FIELDS = ("rpm", "tpm", "scale")
+
+
+def parse_limits_change(body: bytes) -> dict[str, Any]:
+    """The body of POST /_emulator/limits: a JSON object with any of rpm, tpm (a number > 0, or
+    null for no limit) and scale (a number > 0); ValueError with a one-line message otherwise."""
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        raise ValueError("the body must be a JSON object like {\"rpm\": 600, \"scale\": 0.5}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the body must be a JSON object like {\"rpm\": 600, \"scale\": 0.5}")
+    unknown = sorted(set(data) - set(LIMITS_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(LIMITS_FIELDS)}")
+    if data.get("scale", 1) is None:
+        raise ValueError("scale must be a number > 0, not null")
+    return dict(data)
 
 
 async def _handle(

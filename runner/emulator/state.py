@@ -13,7 +13,7 @@ from .batches import BatchStore
 from .config import EmulatorConfig
 from .generate import ApiError
 from .limits import RateLimits
-from .stats import Stats
+from .stats import Stats, client_label
 
 
 class Sleeper:
@@ -56,12 +56,18 @@ class EmulatorState:
         self, config: EmulatorConfig, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config
-        self.stats = Stats()
+        self.clock = clock
+        self.stats = Stats(clock, keep_log=config.request_log)
         self.sleeper = Sleeper()
         self.api_keys = frozenset(config.api_keys) if config.api_keys is not None else None
         # Request ids and latency jitter only; fault choice never uses this stream.
         self.rng = random.Random()
-        self.retry_after = None if config.retry_after is None else f"{config.retry_after:g}"
+        # Retry-After header values by answer status (the real API sends none).
+        self.retry_after: dict[int, str] = {
+            status: f"{seconds:g}"
+            for status, seconds in ((429, config.retry_after), (503, config.retry_after_503))
+            if seconds is not None
+        }
         self.limits = RateLimits(
             rpm=config.rpm,
             tpm=config.tpm,
@@ -69,12 +75,44 @@ class EmulatorState:
             burst_factor=config.burst_factor,
             burst_window_s=config.burst_window_s,
             clock=clock,
+            schedule=config.limit_schedule,
         )
+        self.stats.limits_view = self.limits.view
+        self.fail_first_left = config.fail_first
+        self._labels: dict[str, str] = {}
         self.chunk_delay = config.chunk_delay_ms / 1000.0
         self.batches = BatchStore(config, clock, self.rng)
         self.stats.batch_statuses = self.batches.status_counts
 
-    def check_auth(self, header: str | None) -> None:
+    def reset(self) -> None:
+        """POST /_emulator/reset: zero the counters and restart the limit schedule (limits set at
+        run time, bucket levels and fail_first are kept)."""
+        self.stats.reset()
+        self.limits.reset_schedule()
+
+    def arrive(self) -> int:
+        """Count a chat request arriving now (the first one starts the limit schedule); its second."""
+        stats = self.stats
+        second = stats.arrive()
+        if stats.requests == 1:
+            self.limits.start_schedule(stats.origin)  # type: ignore[arg-type]
+        return second
+
+    def first_fault(self) -> str | None:
+        """fail_first's fault while some are left."""
+        if self.fail_first_left > 0:
+            self.fail_first_left -= 1
+            return self.config.fail_first_fault
+        return None
+
+    def client_label(self, token: str) -> str:
+        label = self._labels.get(token)
+        if label is None:
+            self._labels[token] = label = client_label(token)
+        return label
+
+    def check_auth(self, header: str | None) -> str:
+        """The bearer token of an accepted Authorization header; ApiError otherwise."""
         if not header:
             raise ApiError("missing_api_key")
         scheme, _, token = header.partition(" ")
@@ -86,6 +124,7 @@ class EmulatorState:
                 raise ApiError("invalid_api_key")
         elif token not in self.api_keys:
             raise ApiError("invalid_api_key")
+        return token
 
     def delay_seconds(self, extra_ms: float = 0.0) -> float:
         config = self.config

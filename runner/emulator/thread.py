@@ -145,13 +145,23 @@ class Emulator:
 
     # -- stats -----------------------------------------------------------------------------
 
-    def stats(self, keys: bool = True) -> dict[str, Any]:
-        """The same JSON-ready dict as GET /_emulator/stats (keys=False leaves out "keys")."""
-        return self._call(lambda state: state.stats.snapshot(keys=keys))
+    def stats(self, keys: bool = True, log: bool = False) -> dict[str, Any]:
+        """The same JSON-ready dict as GET /_emulator/stats (keys=False leaves out "keys"; log=True
+        adds the request log, kept when the config says request_log)."""
+        return self._call(lambda state: state.stats.snapshot(keys=keys, log=log))
 
     def reset(self) -> None:
-        """Zero all counters, as POST /_emulator/reset does."""
-        self._call(lambda state: state.stats.reset())
+        """Zero all counters and restart the limit schedule, as POST /_emulator/reset does."""
+        self._call(lambda state: state.reset())
+
+    def set_limits(self, **change: Any) -> dict[str, Any]:
+        """Change the limits now, as POST /_emulator/limits does: rpm, tpm (None: no limit) and
+        scale, each optional. Returns the limits in force."""
+        def apply(state: EmulatorState) -> dict[str, Any]:
+            state.limits.set_limits(**change)
+            return state.limits.view()
+
+        return self._call(apply)
 
     def _call(self, fn: Callable[[EmulatorState], T]) -> T:
         state = self._state
