@@ -6,7 +6,6 @@ import json
 import signal
 import time
 
-import pytest
 
 from runner.emulator import Emulator, EmulatorConfig
 from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
@@ -85,7 +84,6 @@ def test_retry_budget_stops_hammering_a_broken_endpoint(tmp_path, make_emulator)
 # -- issue 14: what the rate control rewrite must guarantee (the emulator's request log and clock) ----
 
 
-@pytest.mark.xfail(strict=True, reason="rate control rewrite (issue 14)")
 def test_a_retry_after_gate_lets_no_request_start_before_it_opens(tmp_path, make_emulator):
     """A 429 with Retry-After: 2 closes the gate for every worker: no request reaches the server from just
     after that answer until 2 s after it; then the job finishes."""
@@ -105,7 +103,6 @@ def test_a_retry_after_gate_lets_no_request_start_before_it_opens(tmp_path, make
     assert all(r["status"] == "ok" for r in read_output(tmp_path / "out/result.parquet"))
 
 
-@pytest.mark.xfail(strict=True, reason="rate control rewrite (issue 14)")
 def test_after_sigint_no_new_request_reaches_the_server(tmp_path, make_emulator):
     """After SIGINT the runner starts no request: the emulator sees no arrival after the signal, also from
     workers that were waiting for the rate limiter (rpm 120 paces 8 workers at 2 requests/s)."""
@@ -129,7 +126,6 @@ def test_after_sigint_no_new_request_reaches_the_server(tmp_path, make_emulator)
     assert stats["clock"]["last_arrival"] < signalled, f"{stats['requests']} requests arrived"
 
 
-@pytest.mark.xfail(strict=True, reason="rate control rewrite (issue 14)")
 def test_a_503_with_retry_after_is_honoured(tmp_path, make_emulator):
     """A 503 with Retry-After: 2 is retried no earlier than 2 s after it was answered (the job's backoff is
     5 ms), and the row ends ok."""
