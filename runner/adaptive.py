@@ -224,19 +224,7 @@ class AdaptiveRate:
             if throttled:
                 window.throttled += 1
                 window.burst = window.burst or code in BURST_CODES
-                if not self.startup and self._test is None and self._overflowing(window):
-                    return self._cut_early(now, window)
         return self._evaluate(now)
-
-    def _overflowing(self, window: _Window) -> bool:
-        """Already excess whatever its other answers will be: its throttles alone pass the threshold for a
-        full window (so a limit is acted on within a round trip, not after a second's answers)."""
-        size = max(window.sent, 50)
-        return window.throttled / size > self.background + self._margin(size)
-
-    def _cut_early(self, now: float, window: _Window) -> bool:
-        self._windows = deque([_Window(now, first=self._seq)])  # what is in flight was sent at the old rate
-        return self._judge(now, window)
 
     def _window_of(self, seq: int) -> _Window | None:
         """The window request `seq` belongs to (None: sent before the last cut)."""
