@@ -93,12 +93,14 @@ class Throttled(TransientCallError):
         self.retry_after = retry_after
 
 
+class BadResponse(TransientCallError):
+    """A 2xx answer whose body parses but cannot be understood (no choices, no content). Retried: it is far
+    more often an answer damaged on the way than a change of the API's shape, and a retry of a deterministic
+    one costs at most `max_attempts` calls before the row is recorded with this type."""
+
+
 class PermanentCallError(CallError):
     """The request itself is wrong (4xx): invalid parameter, moderation, unknown model."""
-
-
-class BadResponse(PermanentCallError):
-    """A 2xx answer whose body cannot be understood."""
 
 
 class InvalidRow(PermanentCallError):
