@@ -101,6 +101,12 @@ class Throttled(TransientCallError):
     """429 rate, burst or token throttling."""
 
 
+class BadResponse(TransientCallError):
+    """A 2xx answer whose body parses but cannot be understood (no choices, no content). Retried: it is far
+    more often an answer damaged on the way than a change of the API's shape, and a retry of a deterministic
+    one costs at most `max_attempts` calls before the row is recorded with this type."""
+
+
 class PermanentCallError(CallError):
     """The request itself is wrong (4xx): invalid parameter, moderation, unknown model."""
 
@@ -112,10 +118,6 @@ class NotFound(PermanentCallError):
     def __init__(self, message: str, *, what: str = "path", **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.what = what
-
-
-class BadResponse(PermanentCallError):
-    """A 2xx answer whose body cannot be understood."""
 
 
 class InvalidRow(PermanentCallError):

@@ -63,6 +63,7 @@ class EndpointSpec:
     timeout: float = 300.0
     connect_timeout: float = 10.0
     stream_idle_timeout: float = 60.0
+    read_timeout: float = 60.0
     transport: str = "aiohttp"
 
 
@@ -207,7 +208,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
               "model_column": _STR, "params_column": _STR},
     "endpoint": {"dialect": _STR, "region": _STR, "base_url": _STR, "workspace": _STR,
                  "api_key_env": _STR, "api_key_file": _STR, "timeout": _NUM,
-                 "connect_timeout": _NUM, "stream_idle_timeout": _NUM, "transport": _STR,
+                 "connect_timeout": _NUM, "stream_idle_timeout": _NUM, "read_timeout": _NUM, "transport": _STR,
                  "api_key": "never set here"},
     "model": {"name": _STR, **MODEL_PARAMS, "extra": "a table", "stream": _STREAM,
               "stream_only_models": "a list of strings", **{k: _NUM for k in PRICE_KEYS}},
@@ -361,6 +362,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         timeout=float(positive("endpoint", "timeout", 300.0)),
         connect_timeout=float(positive("endpoint", "connect_timeout", 10.0)),
         stream_idle_timeout=float(positive("endpoint", "stream_idle_timeout", 60.0)),
+        read_timeout=float(positive("endpoint", "read_timeout", 60.0)),
         transport=transport,
     )
 

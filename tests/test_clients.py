@@ -17,7 +17,8 @@ import anyio
 import httpx
 import pytest
 
-from runner.clients import DIALECTS, ROW_KEY_HEADER, ChatClient, _transport_error, classify_answer
+from runner.clients import DIALECTS, ROW_KEY_HEADER, ChatClient, classify_answer
+from runner.clients.transport_errors import call_error
 from runner.clients import dashscope_native as native
 from runner.clients import openai_compat as compat
 from runner.clients.classify import parse_error_body, retry_after_seconds
@@ -242,7 +243,7 @@ def test_truncated_200_body_is_transient(dialect, body: bytes) -> None:
     pytest.param(native, b'"text"', None, id="native-json-string"),
 ])
 def test_valid_json_without_answer_is_bad_response(dialect, body: bytes, rid: str | None) -> None:
-    """Valid JSON with no choices/output in a 200 is a BadResponse (permanent) with code `bad_response`."""
+    """Valid JSON with no choices/output in a 200 is a BadResponse (retried) with code `bad_response`."""
     with pytest.raises(BadResponse) as info:
         dialect.parse_success(body, httpx.Headers({}))
     err = info.value
@@ -800,11 +801,12 @@ def test_client_percent_encodes_non_ascii_row_key() -> None:
     pytest.param(httpx.PoolTimeout, "timeout", id="pool-timeout"),
     pytest.param(httpx.ConnectError, "connection_error", id="connect-error"),
     pytest.param(httpx.ReadError, "connection_error", id="read-error"),
-    pytest.param(httpx.RemoteProtocolError, "connection_error", id="remote-protocol-error"),
+    pytest.param(httpx.RemoteProtocolError, "protocol_error", id="remote-protocol-error"),
 ])
 @pytest.mark.parametrize("dialect", ["openai", "dashscope"])
 def test_client_transport_failures_are_transient(dialect: str, exc_type: type, code: str) -> None:
-    """A timeout raised by the transport becomes TransientCallError `timeout`; a failed connection `connection_error`."""
+    """A timeout raised by the transport becomes TransientCallError `timeout`; a failed connection `connection_error`;
+    a broken answer `protocol_error`."""
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc_type("boom", request=request)
 
@@ -828,12 +830,12 @@ def test_client_transport_failures_are_transient(dialect: str, exc_type: type, c
                  id="aiohttp-reset-mapped-to-connect-timeout"),
 ])
 def test_transport_error_mapping(exc, code: str) -> None:
-    """_transport_error tells a timeout from a failed connection, by the aiohttp cause when there is one."""
+    """call_error tells a timeout from a failed connection, by the aiohttp cause when there is one."""
     if isinstance(exc, tuple):
         outer, cause = exc
         exc = outer(str(cause))
         exc.__cause__ = cause
-    err = _transport_error(exc)
+    err = call_error(exc)
     assert type(err) is TransientCallError
     assert err.code == code
     assert err.message

@@ -8,7 +8,7 @@ import pytest
 
 from runner.clients import dashscope_native as native
 from runner.clients import openai_compat as compat
-from runner.clients.sse import Event, SSEParser
+from runner.clients.sse import Event, MalformedSSE, SSEParser
 from runner.clients.stream_rules import StreamPolicy
 from runner.errors import AuthError, PermanentCallError, QuotaExhausted, Throttled, TransientCallError
 
@@ -98,13 +98,30 @@ def test_crlf_and_cr_line_ends_are_the_same_as_lf():
     (b"id:7\nevent:result\n:HTTP_STATUS/200\ndata:{}\n\n", [Event("result", b"{}", "7", 200)]),
     (b"event:error\n:HTTP_STATUS/429\ndata:{}\n\n", [Event("error", b"{}", None, 429)]),
     (b"\n\n\ndata: a\n\n\n\ndata: b\n\n", [Event("message", b"a", None, None), Event("message", b"b", None, None)]),
-    (b"retry: 100\nfoo: bar\ndata: z\n\n", [Event("message", b"z", None, None)]),
+    (b"retry: 100\nid\ndata: z\n\n", [Event("message", b"z", "", None)]),
     (b"data: tail-without-blank-line", [Event("message", b"tail-without-blank-line", None, None)]),
 ], ids=["multi-line", "no-space", "two-spaces", "comment-only", "comment-then-data", "native-frame", "error-frame",
-        "extra-blank-lines", "unknown-fields", "unterminated"])
+        "extra-blank-lines", "retry-and-bare-field", "unterminated"])
 def test_frame_table(raw, expected):
     """Field parsing per the SSE spec, plus DashScope's status comment."""
     assert _events(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [
+    b"data: a\n\ndta: {\"choices\":[]}\n\n",
+    b"data: a\nfoo: bar\n\n",
+    b"\x01data: {}\n\n",
+    b"id:1\nevent:result\n:HTTP_STATUS/200\nd\xffta:{}\n\n",
+    b"data: a\n\nda",
+    b'data: {"a":"Ech"}\n\n\rdata: {"b":1}\n\n',
+    b'data: {"a":"Ech\ro"}\n\n',
+], ids=["damaged-data-prefix", "unknown-field", "control-byte", "damaged-native-frame", "cut-field-name",
+        "cr-after-lf-event", "cr-inside-lf-line"])
+def test_a_line_that_is_not_sse_is_an_error(raw):
+    """A line that is neither a comment nor data/event/id/retry, or a CR in a stream whose lines end with LF (what
+    aiohttp's lenient chunk parser leaves of a chunk that lost a byte), raises MalformedSSE instead of being skipped."""
+    with pytest.raises(MalformedSSE):
+        _events(raw)
 
 
 def test_partial_event_is_reported():

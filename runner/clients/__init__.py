@@ -13,16 +13,18 @@ from types import ModuleType
 from typing import Callable, Mapping
 from urllib.parse import quote
 
+import anyio
 import httpx
 
 from ..endpoints import ApiKey, chat_url, request_headers
-from ..errors import CallError, PermanentCallError, RunnerError, TransientCallError
+from ..errors import CallError, PermanentCallError, RunnerError, SpecError, TransientCallError
 from ..records import Completion, Request
 from ..spec import EndpointSpec
 from . import dashscope_native, openai_compat
 from .classify import body_snippet, error_from, parse_error_body
-from .sse import SSEParser
+from .sse import MalformedSSE, SSEParser
 from .stream_rules import StreamPolicy
+from .transport_errors import call_error, caught_exceptions, scrub
 
 DIALECTS: dict[str, ModuleType] = {"openai": openai_compat, "dashscope": dashscope_native}
 
@@ -38,18 +40,20 @@ def classify_answer(dialect: ModuleType, status: int, body: bytes, headers: Mapp
                       table=dialect.CODE_TABLE, fallback_message=body_snippet(body), region_hint=region_hint)
 
 
-def _transport_error(exc: httpx.TransportError) -> TransientCallError:
-    """A timeout or a failed connection. The aiohttp transport maps every aiohttp connection error
-    to httpx.ConnectTimeout, so its cause tells which it really was."""
-    cause = exc.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        timed_out = isinstance(cause, TimeoutError)
-    else:
-        timed_out = isinstance(exc, httpx.TimeoutException)
-    if timed_out:
-        return TransientCallError(f"request timed out ({type(cause or exc).__name__})", code="timeout")
-    detail = str(cause or exc) or type(cause or exc).__name__
-    return TransientCallError(f"connection failed: {detail}", code="connection_error")
+def _check_header_values(headers: Mapping[str, str]) -> None:
+    """SpecError for a header value no transport will send (a control or non-ASCII character: a stray line
+    break or quote in the key's variable, say), before any request fails on it. The value is not shown."""
+    for name, value in headers.items():
+        bad = next((i for i, char in enumerate(value) if not (char == "\t" or " " <= char <= "~")), None)
+        if bad is None:
+            continue
+        kind = "a control character" if ord(value[bad]) < 32 or value[bad] == "\x7f" else "a non-ASCII character"
+        if name.lower() == "authorization":
+            raise SpecError(f"the API key holds {kind} (at position {bad - len('Bearer ') + 1}), which an HTTP "
+                            "header cannot carry", hint="check the key's variable or file for a stray line break, "
+                                                        "space, quote or character pasted by mistake")
+        raise SpecError(f"the {name} header holds {kind} (at position {bad + 1}), which an HTTP header cannot carry",
+                        hint="check the [endpoint] value it comes from")
 
 
 # What httpx.AsyncClient would add to every request; the client sends to its transport directly.
@@ -84,6 +88,8 @@ class ChatClient:
         return f"ChatClient(dialect={self.endpoint.dialect!r}, url={self.url!r})"
 
     async def __aenter__(self) -> "ChatClient":
+        headers = {**CLIENT_HEADERS, **request_headers(self.endpoint, self._api_key)}
+        _check_header_values(headers)
         limits = httpx.Limits(max_connections=self._max_connections,
                               max_keepalive_connections=self._max_connections)
         transport = self._given_transport
@@ -94,12 +100,14 @@ class ChatClient:
         elif transport is None:
             transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
         self._url = httpx.URL(self.url)
-        self._headers = httpx.Headers({**CLIENT_HEADERS, **request_headers(self.endpoint, self._api_key)})
+        self._headers = httpx.Headers(headers)
         self._stream_headers = httpx.Headers({**self._headers, **self.dialect.STREAM_HEADERS})
         self._timeout = {"timeout": httpx.Timeout(self.endpoint.timeout,
                                                   connect=self.endpoint.connect_timeout).as_dict()}
         self._stream_timeout = {"timeout": httpx.Timeout(self.endpoint.timeout, connect=self.endpoint.connect_timeout,
                                                          read=self.endpoint.stream_idle_timeout).as_dict()}
+        # What the transport may raise for one request; known once its module (aiohttp's or not) is loaded.
+        self._transport_errors = caught_exceptions()
         # Created here, not in __init__, so no state is bound to an event loop before it runs.
         self._transport = transport
         return self
@@ -116,6 +124,8 @@ class ChatClient:
                              extensions=self._stream_timeout if stream else self._timeout)
 
     async def complete(self, request: Request) -> Completion:
+        """One attempt. Whatever the transport raises for it (while sending, or reading the body or the
+        stream) becomes a CallError here, and no error message leaves with the key in it."""
         assert self._transport is not None, "use `async with ChatClient(...)`"
         stream = self.streaming.wants_stream(request.model, request.params)
         try:
@@ -123,44 +133,84 @@ class ChatClient:
                                  allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise PermanentCallError(f"the request cannot be encoded as JSON ({exc})", code="unencodable_request") from None
-        key = request.key if request.key.isascii() else quote(request.key, safe="")
-        if stream:
-            return await self._complete_streamed(self._request(payload, key, stream=True))
+        key = request.key
+        if not (key.isascii() and key.isprintable()):  # a header carries printable ASCII only
+            key = quote(key, safe="")
+        http_request = self._request(payload, key, stream=stream)
         try:
-            response = await self._transport.handle_async_request(self._request(payload, key, stream=False))
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        except httpx.TransportError as exc:
-            raise _transport_error(exc) from exc
-        return self._answer(response)
+            if stream:
+                return await self._complete_streamed(http_request)
+            return await self._complete_plain(http_request)
+        except self._transport_errors as exc:
+            raise call_error(exc, secrets=(self._api_key.reveal(),)) from exc
+        except (CallError, RunnerError) as error:
+            _scrub_message(error, (self._api_key.reveal(),))
+            raise
 
-    def _answer(self, response: httpx.Response) -> Completion:
+    async def _complete_plain(self, http_request: httpx.Request) -> Completion:
+        response = await self._transport.handle_async_request(http_request)
+        try:
+            body = await _read_body(response, self.endpoint.read_timeout)
+        finally:
+            await response.aclose()
+        return self._answer(response, body)
+
+    def _answer(self, response: httpx.Response, body: bytes) -> Completion:
         if 200 <= response.status_code < 300:
-            return self.dialect.parse_success(response.content, response.headers)
-        raise classify_answer(self.dialect, response.status_code, response.content, response.headers,
+            return self.dialect.parse_success(body, response.headers)
+        raise classify_answer(self.dialect, response.status_code, body, response.headers,
                               region_hint=self._region_hint)
 
     async def _complete_streamed(self, http_request: httpx.Request) -> Completion:
-        """One streamed attempt: a Completion only from a stream that reached its final frame."""
+        """One streamed attempt: a Completion only from a stream that reached its final frame, with every line
+        of it well formed (a damaged line fails the attempt instead of being skipped)."""
         sent_at = self._clock()
+        response = await self._transport.handle_async_request(http_request)
         try:
-            response = await self._transport.handle_async_request(http_request)
+            if not (200 <= response.status_code < 300) or \
+                    "text/event-stream" not in response.headers.get("content-type", ""):
+                # An error answer, or a server that answered without streaming.
+                return self._answer(response, await _read_body(response, self.endpoint.stream_idle_timeout))
+            parser = SSEParser()
+            assembler = self.dialect.StreamAssembler(response.headers, sent_at, self._clock)
             try:
-                if not (200 <= response.status_code < 300) or \
-                        "text/event-stream" not in response.headers.get("content-type", ""):
-                    await response.aread()  # an error answer, or a server that answered without streaming
-                    return self._answer(response)
-                parser = SSEParser()
-                assembler = self.dialect.StreamAssembler(response.headers, sent_at, self._clock)
                 async for chunk in response.aiter_bytes():
                     for event in parser.feed(chunk):
                         assembler.add(event)
                 for event in parser.close():
                     assembler.add(event)
-                return assembler.finish()
-            finally:
-                await response.aclose()
-        except httpx.TransportError as exc:
-            raise _transport_error(exc) from exc
+            except MalformedSSE as exc:
+                raise assembler.text.malformed(str(exc)) from None
+            return assembler.finish()
+        finally:
+            await response.aclose()
+
+
+async def _read_body(response: httpx.Response, idle_timeout: float) -> bytes:
+    """The whole body, each piece due within `idle_timeout` of the last. The transport's read timeout cannot
+    be that deadline: it also covers the wait for the headers, which for a non-streamed answer is the whole
+    generation (bounded by [endpoint] timeout only); once the headers are in, a silence means bytes were lost
+    on a connection that stays open, and waiting longer will not bring them."""
+    pieces: list[bytes] = []
+    body = response.aiter_bytes()
+    try:
+        while True:
+            with anyio.move_on_after(idle_timeout) as idle:
+                piece = await anext(body, None)
+            if idle.cancelled_caught:
+                raise TransientCallError(f"the answer stopped for {idle_timeout:g} s after its headers arrived",
+                                         code="timeout", http_status=response.status_code,
+                                         request_id=response.headers.get("x-request-id"))
+            if piece is None:
+                return b"".join(pieces)
+            pieces.append(piece)
+    finally:
+        await body.aclose()
+
+
+def _scrub_message(error: CallError | RunnerError, secrets: tuple[str, ...]) -> None:
+    """Take the secrets out of the error's message (a server or a proxy may quote a header back)."""
+    message = scrub(error.message, secrets)
+    if message != error.message:
+        error.message = message
+        error.args = (message,)

@@ -30,6 +30,13 @@ def usage_from(usage: Mapping[str, Any] | None, *, input_name: str, output_name:
     )
 
 
+def has_answer(message: Any) -> bool:
+    """A message carries an answer: a `content` string or list of parts (an empty string is an answer),
+    or tool calls. One without either parsed, but something was lost on the way."""
+    return isinstance(message, Mapping) and (isinstance(message.get("content"), (str, list))
+                                             or bool(message.get("tool_calls")))
+
+
 def text_of(content: Any) -> str | None:
     """Message content as text: a string as is, a list of parts joined by their text."""
     if content is None or isinstance(content, str):

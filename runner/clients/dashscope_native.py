@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from ..errors import BadResponse
 from ..records import Completion, Request
-from .bodies import StreamText, load_success_json, text_of, usage_from
+from .bodies import StreamText, has_answer, load_success_json, text_of, usage_from
 from .classify import AUTH, MODEL_NOT_FOUND, NOT_FOUND, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
 from .openai_compat import STREAM_KEYS
 from .sse import Event
@@ -55,13 +55,18 @@ def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
         output = data["output"]
         if output.get("choices"):
             choice = output["choices"][0]
-            message = choice.get("message") or {}
+            message = choice["message"]
+            answered = has_answer(message)
             content, reasoning = text_of(message.get("content")), message.get("reasoning_content") or None
         else:  # result_format=text
             choice, content, reasoning = output, output["text"], None
+            answered = isinstance(content, str)
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise BadResponse("a 200 answer without output.choices[0].message or output.text", code="bad_response",
                           http_status=200, request_id=request_id) from exc
+    if not answered:
+        raise BadResponse("a 200 answer whose message has neither content nor tool calls", code="bad_response",
+                          http_status=200, request_id=request_id)
     finish = choice.get("finish_reason")
     return Completion(
         content=content,
@@ -76,7 +81,8 @@ def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
 class StreamAssembler:
     """Builds one Completion from `event:result` frames (facts 3.5): incremental pieces joined, usage from the
     last (cumulative) frame, complete once a frame has a real finish_reason; `event:error` frames are
-    classified with the status from their `:HTTP_STATUS/<n>` comment (400 without one, as the SDK does)."""
+    classified with the status from their `:HTTP_STATUS/<n>` comment (400 without one, as the SDK does).
+    A frame that parses but whose message has no content (nor reasoning, nor tool calls) is malformed."""
 
     __slots__ = ("text", "_headers")
 
@@ -98,11 +104,15 @@ class StreamAssembler:
             output = frame["output"]
             if output.get("choices"):
                 choice = output["choices"][0]
-                message = choice.get("message") or {}
+                message = choice["message"]
+                if not (has_answer(message) or isinstance(message.get("reasoning_content"), str)):
+                    raise KeyError("a message without content")  # a damaged key: its text would be lost
                 text.add(text_of(message.get("content")), message.get("reasoning_content"))
             else:  # result_format=text
                 choice = output
-                text.add(output.get("text"), None)
+                if not isinstance(output["text"], str):
+                    raise TypeError("output.text is not a string")
+                text.add(output["text"], None)
             finish = choice.get("finish_reason")
             if finish and finish != "null":
                 text.finish_reason = finish

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from ..errors import BadResponse
 from ..records import Completion, Request
-from .bodies import StreamText, load_success_json, text_of, usage_from
+from .bodies import StreamText, has_answer, load_success_json, text_of, usage_from
 from .classify import AUTH, MODEL_NOT_FOUND, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
 from .sse import Event
 
@@ -51,10 +51,13 @@ def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
     request_id = headers.get("x-request-id") or _request_id_from_body(data)
     try:
         choice = data["choices"][0]
-        message = choice.get("message") or {}
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        message = choice["message"]
+    except (KeyError, IndexError, TypeError) as exc:
         raise BadResponse("a 200 answer without choices[0].message", code="bad_response",
                           http_status=200, request_id=request_id) from exc
+    if not has_answer(message):
+        raise BadResponse("a 200 answer whose message has neither content nor tool calls", code="bad_response",
+                          http_status=200, request_id=request_id)
     return Completion(
         content=text_of(message.get("content")),
         reasoning=message.get("reasoning_content") or None,
@@ -65,9 +68,14 @@ def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
     )
 
 
+# A delta carries at least one of these (the first one the role, the last one at least its finish_reason).
+_DELTA_KEYS = frozenset({"content", "reasoning_content", "tool_calls", "role"})
+
+
 class StreamAssembler:
     """Builds one Completion from `data:` chunks (facts 2.4): deltas joined, usage from the last chunk,
-    complete only once a finish_reason and `[DONE]` have both arrived."""
+    complete only once a finish_reason and `[DONE]` have both arrived. A chunk that parses but lacks its
+    `choices` list, or a delta with none of its fields, is a malformed frame, not a piece of text to skip."""
 
     __slots__ = ("text", "_done", "_headers")
 
@@ -89,15 +97,20 @@ class StreamAssembler:
                                  table=CODE_TABLE)
             if text.request_id is None:
                 text.request_id = _request_id_from_body(chunk)
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
+            choices = chunk["choices"]  # a list in every chunk, empty in the usage chunk
+            if not isinstance(choices, list):
+                raise TypeError("choices is not a list")
+            for choice in choices:
+                delta = choice["delta"]
+                if not (_DELTA_KEYS & delta.keys() or choice.get("finish_reason")):
+                    raise KeyError("a delta without content")  # a damaged key: its text would be lost
                 text.add(text_of(delta.get("content")), delta.get("reasoning_content"))
                 if choice.get("finish_reason"):
                     text.finish_reason = choice["finish_reason"]
             if chunk.get("usage"):
                 text.usage = chunk["usage"]
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise text.malformed(str(exc)) from None
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise text.malformed(repr(exc) if isinstance(exc, KeyError) else str(exc)) from None
 
     def finish(self) -> Completion:
         return self.text.completion(self._done, input_name="prompt_tokens", output_name="completion_tokens",

@@ -6,11 +6,21 @@ next). Per the SSE spec: `field:value` lines (one leading space dropped from the
 lines of one event joined with LF, comment lines starting with `:` ignored, events end at a blank
 line. DashScope's native streams put the status in a comment (`:HTTP_STATUS/429`): it is kept.
 The common case, a block that is a single `data:` line, takes a fast path with no line splitting.
+
+Stricter than the spec in two ways, both raising MalformedSSE: a line that is neither a comment nor one
+of the four fields (`data`, `event`, `id`, `retry`), instead of ignoring it; and a CR in a stream whose
+first line ended with a lone LF, instead of reading it as a line end. Neither dialect sends other fields or
+mixes line ends, so either is a damaged stream (`dta: {...}`, bytes lost on the way), and going on would
+turn a damaged answer into a success with words missing.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+
+class MalformedSSE(ValueError):
+    """A line of the stream is not valid SSE: the stream was damaged on the way."""
 
 
 class Event(NamedTuple):
@@ -24,17 +34,26 @@ _STATUS_COMMENT = b":HTTP_STATUS/"
 
 
 class SSEParser:
-    __slots__ = ("_buffer", "_pending_cr")
+    __slots__ = ("_buffer", "_pending_cr", "_lf_only")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._pending_cr = False
+        self._lf_only: bool | None = None  # decided by the stream's first line end
 
     def feed(self, chunk: bytes) -> list[Event]:
-        if self._pending_cr:
+        if self._lf_only is None:
+            self._lf_only = _ends_lines_with_lf(chunk)
+        if self._lf_only:
+            # Both dialects end lines with LF. A CR in such a stream is damage: aiohttp's lenient parser
+            # (its default outside dev mode) takes a chunk that lost a byte and hands on the CR of the chunk's
+            # CRLF as data, so the line-end rules of the spec would read it as one more (blank) line.
+            if b"\r" in chunk:
+                raise MalformedSSE("a CR in a stream whose lines end with LF (bytes were lost on the way)")
+        elif self._pending_cr:
             chunk = b"\r" + chunk
             self._pending_cr = False
-        if b"\r" in chunk:
+        if not self._lf_only and b"\r" in chunk:
             if chunk.endswith(b"\r"):  # may be half of a CRLF split across reads
                 chunk = chunk[:-1]
                 self._pending_cr = True
@@ -65,6 +84,14 @@ class SSEParser:
         return bool(self._buffer.strip(b"\n")) or self._pending_cr
 
 
+def _ends_lines_with_lf(chunk: bytes) -> bool | None:
+    """True if the first line end in `chunk` is a lone LF, False if it is CR or CRLF, None if it has none."""
+    lf, cr = chunk.find(b"\n"), chunk.find(b"\r")
+    if lf < 0 and cr < 0:
+        return None
+    return cr < 0 or 0 <= lf < cr
+
+
 def _parse_block(block: bytes) -> Event | None:
     block = block.lstrip(b"\n")
     if not block:
@@ -91,6 +118,8 @@ def _parse_block(block: bytes) -> Event | None:
             event_type = value.decode("utf-8", "replace")
         elif name == b"id":
             event_id = value.decode("utf-8", "replace")
+        elif name != b"retry":
+            raise MalformedSSE(f"not an SSE line: {line[:80]!r}")
     if not data_lines and event_type == "message":
         return None  # a block of comments or ids only
     return Event(event_type, b"\n".join(data_lines), event_id, status)
