@@ -316,14 +316,15 @@ def test_key_quoted_back_by_the_endpoint_is_masked(tmp_path, transport: str) -> 
         assert results[-1].code == 0, results[-1].stderr
         assert seen and set(seen) == {f"Bearer {CANARY}"}
     rows = read_output(tmp_path / "out" / "result.parquet")
-    assert len(rows) == 8 and all("Authorization: Bearer sk-*** is not" in r["error_message"] for r in rows)
+    assert len(rows) == 8 and all("Authorization: Bearer " in r["error_message"] and "*** is not" in r["error_message"]
+                                  and CANARY not in r["error_message"] for r in rows)
     with quoting_server(401) as (url, seen):
         job = make_job(tmp_path, name="rejected", endpoint={"base_url": url + "/compatible-mode/v1",
                                                             "transport": transport},
                        output={"path": "out/rejected.parquet"})
         for args in ([], ["--debug"]):
             results.append(run_cli("run", str(job), *args, key=CANARY))
-            assert results[-1].code == 1 and "Bearer sk-***" in results[-1].stderr
+            assert results[-1].code == 1 and "Bearer " in results[-1].stderr and "*** is not" in results[-1].stderr
         assert seen
     assert_no_leak(CANARY, tmp_path / "out", results)
 
