@@ -189,11 +189,15 @@ def _check_override(name: str, value: Any) -> None:
 def template_fields(template: str) -> tuple[str, ...]:
     """Column names used as {placeholders}; raises ValueError for a malformed template."""
     names = []
-    for _literal, name, _spec, _conv in string.Formatter().parse(template):
+    for _literal, name, spec, conversion in string.Formatter().parse(template):
         if name is None:
             continue
-        if not name or not name.replace("_", "a").replace("-", "a").replace(" ", "a").isalnum():
+        if not name or not name.replace("_", "a").replace("-", "a").replace(" ", "a").isalnum() or name.isdigit():
             raise ValueError(f"placeholder {{{name}}} is not a plain column name (use {{{{ and }}}} for literal braces)")
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(f"placeholder {{{name}!{conversion}}}: the conversion must be !r, !s or !a")
+        if spec and "{" in spec:
+            raise ValueError(f"placeholder {{{name}:{spec}}}: a format spec cannot hold another placeholder")
         names.append(name)
     return tuple(dict.fromkeys(names))
 
