@@ -206,7 +206,9 @@ class ParquetSink:
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(self.output.parent, os.W_OK):
-                raise PermissionError(13, "Permission denied")
+                read_only = os.statvfs(self.output.parent).f_flag & os.ST_RDONLY
+                code = errno.EROFS if read_only else errno.EACCES
+                raise OSError(code, os.strerror(code))
         except OSError as exc:
             raise SinkError(f"{self.output.parent}: output folder is not writable ({exc.strerror or exc})") from None
         reopening = self.output.exists() and not overwrite

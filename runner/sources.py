@@ -503,6 +503,6 @@ def _count_lines(path: Path) -> int:
     count = 0
     with open(path, "rb", buffering=1 << 20) as fh:
         for line in _lines(fh):
-            if line.strip() or (len(line) > MAX_LINE_BYTES and _overlong(line, fh)):
+            if (len(line) > MAX_LINE_BYTES and _overlong(line, fh)) or line.strip():  # skip the rest first
                 count += 1
     return count
