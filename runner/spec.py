@@ -294,8 +294,8 @@ BOUNDS: dict[tuple[str, str], Bound] = {
     ("run", "retry_budget"): Bound(0, 100, low_open=True),
     ("run", "max_cost"): Bound(0, 1e12, low_open=True),
     ("run", "batch_poll_seconds"): _POSITIVE_SECONDS,
-    ("run", "batch_max_lines"): Bound(1, BATCH_MAX_LINES, why="the Batch API's limit per file"),
-    ("run", "batch_max_bytes"): Bound(1, BATCH_MAX_BYTES, why="the Batch API's limit per file"),
+    ("run", "batch_max_lines"): Bound(1, BATCH_MAX_LINES, why=f"the Batch API takes at most {BATCH_MAX_LINES:,} lines a file"),
+    ("run", "batch_max_bytes"): Bound(1, BATCH_MAX_BYTES, why=f"the Batch API takes at most {BATCH_MAX_BYTES:,} bytes a file"),
 }
 # [run.limits] "model" = { rpm = .., tpm = .. } take the same values as [run] rpm and tpm.
 BOUNDS.update({("run.limits", key): BOUNDS[("run", key)] for key in ("rpm", "tpm")})

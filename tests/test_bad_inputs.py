@@ -101,7 +101,7 @@ SETTINGS = [
             expected="[run] expected_output_tokens: expected an integer from 1 to 1,000,000"),
     Setting("limit negative", {"run": {"limit": -1}}, expected="[run] limit: expected an integer >= 0"),
     Setting("batch_max_lines above the API's cap", {"run": {"batch_max_lines": 60_000}},
-            expected="[run] batch_max_lines: expected an integer from 1 to 50,000 (the Batch API's limit per file)"),
+            expected="[run] batch_max_lines: expected an integer from 1 to 50,000 (the Batch API takes at most 50,000 lines"),
     Setting("batch_poll_seconds zero", {"run": {"batch_poll_seconds": 0}}, expected="[run] batch_poll_seconds: expected a number > 0"),
     Setting("completion window too short", {"run": {"completion_window": "2h"}}, expected="[run] completion_window: expected from 24h"),
     Setting("batch_fallback_after not a duration", {"run": {"batch_fallback_after": "soon"}},
