@@ -31,7 +31,7 @@ from .cost import CostBudget, NoPrice, PriceBook
 from .ratelimit import Limits, LocalRateLimiter, RetryBudget, Sent, limits_table
 from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, result_schema, unsent_result
 from .report import RunSummary, summarize_file
-from .sink import DoneRows, ParquetSink
+from .sink import DoneRows, ParquetSink, write_file_atomic
 from .sources import RequestSource, open_source
 from .spec import JobSpec
 from .tokens import estimate_prompt_tokens, output_reserve
@@ -452,8 +452,5 @@ def _final_summary(spec: JobSpec, run: RunSummary) -> RunSummary:
     data["this_run"] = {"rows": run.rows, "requests_sent": run.attempts, "changed_rows_resent": run.changed_rows,
                         "wall_seconds": round(run.wall_seconds or 0, 3),
                         "rows_per_second": round(run.rows / run.wall_seconds, 2) if run.wall_seconds else None}
-    path = spec.output.summary_path
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_file_atomic(spec.output.summary_path, json.dumps(data, indent=2) + "\n")  # OS errors: SinkError
     return table

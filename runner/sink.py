@@ -8,19 +8,25 @@ about what is done: a rerun reads them (setting aside any that do not open), rep
 part was never committed, and skips rows already answered with the same request. When every row is
 in, the parts are merged in input order into `<output>` (temporary name + rename) and removed.
 One run at a time: a lock on the parts folder refuses a second writer.
+
+Every OS error (a full disk, a read-only folder, permissions) is translated where it happens into a
+one-line SinkError naming the path and the reason, on a first run, a rerun, a recovery from the
+journal and the final merge alike; `write_file_atomic` does the same for the files beside the output.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 import time
 from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -107,12 +113,62 @@ def _count_below(sorted_row_ids: pa.ChunkedArray, bound: int) -> int:
 
 def _write_atomic(table: pa.Table, target: Path) -> None:
     tmp = target.with_name("." + target.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        _remove_quietly(tmp)  # a half-written file only takes space a full disk does not have
+        raise
     _fsync_dir(target.parent)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def os_reason(exc: OSError) -> str:
+    """The OS's words for an error, on one line ("No space left on device")."""
+    return " ".join(str(exc.strerror or exc).split())
+
+
+def _hint(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space, then run the same command again: it resumes from the rows committed so far"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the output folder writable (or choose another --output), then run the same command again"
+    return "fix the cause, then run the same command again: it resumes from the rows committed so far"
+
+
+def sink_error(path: Path, action: str, exc: OSError) -> SinkError:
+    """A SinkError for an OS error: the file it happened on, what was being done, and the OS's reason."""
+    return SinkError(f"{exc.filename or path}: {action} ({os_reason(exc)})", hint=_hint(exc))
+
+
+@contextmanager
+def os_errors(path: Path, action: str) -> Iterator[None]:
+    """Turn an OSError inside the block into a SinkError (see sink_error)."""
+    try:
+        yield
+    except OSError as exc:
+        raise sink_error(path, action, exc) from exc
+
+
+def write_file_atomic(path: Path, text: str) -> None:
+    """Write a text file beside the output (the summary) whole or not at all; OS errors are SinkErrors."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    with os_errors(path, "cannot write"):
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
 
 
 class ParquetSink:
@@ -150,7 +206,9 @@ class ParquetSink:
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(self.output.parent, os.W_OK):
-                raise PermissionError(13, "Permission denied")
+                read_only = os.statvfs(self.output.parent).f_flag & os.ST_RDONLY
+                code = errno.EROFS if read_only else errno.EACCES
+                raise OSError(code, os.strerror(code))
         except OSError as exc:
             raise SinkError(f"{self.output.parent}: output folder is not writable ({exc.strerror or exc})") from None
         reopening = self.output.exists() and not overwrite
@@ -158,10 +216,8 @@ class ParquetSink:
             raise SinkError(f"{self.output}: output already exists (a finished run)",
                             hint="pass --retry-failed transient (or all) to send its failed rows again, --overwrite "
                                  "to run the whole job again and replace it, or choose another --output")
-        try:
+        with os_errors(self.parts_dir, "cannot create the parts folder"):
             self.parts_dir.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise SinkError(f"{self.parts_dir}: cannot create the parts folder ({exc.strerror})") from None
         self._take_lock()
         try:
             if restart:
@@ -177,8 +233,10 @@ class ParquetSink:
                     self._take_back_output()
                 self._write_manifest(manifest_path)
             self._load_parts()
-        except BaseException:
+        except BaseException as exc:
             self._release_lock()
+            if isinstance(exc, OSError):  # what the steps above did not name themselves
+                raise sink_error(self.parts_dir, "cannot open the run's parts folder", exc) from exc
             raise
 
     def _take_back_output(self) -> None:
@@ -199,12 +257,18 @@ class ParquetSink:
         try:
             os.link(self.output, first)
         except OSError:
-            shutil.copyfile(self.output, first)
+            with os_errors(first, "cannot copy the finished output into the parts folder"):
+                try:
+                    shutil.copyfile(self.output, first)
+                except BaseException:
+                    _remove_quietly(first)
+                    raise
         self.reopened = True
 
     def _take_lock(self) -> None:
         path = self.parts_dir / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with os_errors(path, "cannot open the lock file"):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -212,9 +276,13 @@ class ParquetSink:
             os.close(fd)
             raise SinkError(f"{self.output}: another run (pid {holder}) is writing this output",
                             hint="wait for it to finish, stop it, or choose another --output") from None
-        # The lock dies with the process, so a lock file left by a killed run is never stale.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # The lock dies with the process, so a lock file left by a killed run is never stale. The pid in it
+        # is only shown to a second run, so a full disk that cannot take it does not stop this one.
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
         self._lock_fd = fd
 
     def _release_lock(self) -> None:
@@ -227,9 +295,10 @@ class ParquetSink:
         return all(path.name in (MANIFEST, LOCK) for path in self.parts_dir.iterdir())
 
     def _clear_parts(self) -> None:
-        for path in self.parts_dir.iterdir():
-            if path.name != LOCK:
-                path.unlink()
+        with os_errors(self.parts_dir, "cannot clear the parts folder"):
+            for path in self.parts_dir.iterdir():
+                if path.name != LOCK:
+                    path.unlink()
 
     def _check_manifest(self, path: Path) -> None:
         try:
@@ -248,31 +317,38 @@ class ParquetSink:
         return sorted(k for k in set(previous) | set(self.fingerprint) if previous.get(k) != self.fingerprint.get(k))
 
     def _write_manifest(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint}, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        write_file_atomic(path, json.dumps({"fingerprint": self.fingerprint}, indent=1, sort_keys=True))
 
     def _load_parts(self) -> None:
-        for tmp in self.parts_dir.glob(".part-*.tmp"):
-            tmp.unlink()
+        with os_errors(self.parts_dir, "cannot remove a half-written part"):
+            for tmp in self.parts_dir.glob(".part-*.tmp"):
+                tmp.unlink()
         seqs = [int(p.stem.split("-")[1]) for p in self.parts_dir.glob("journal-*.jsonl")]
         seqs += [int(p.name.split("-")[1].split(".")[0]) for p in self.parts_dir.glob("part-*.parquet*")]
         self._next_seq = max(seqs, default=0) + 1
         for journal in sorted(self.parts_dir.glob("journal-*.jsonl")):
             part = self.parts_dir / f"part-{journal.stem.split('-')[1]}.parquet"
             if not part.exists():
-                self._recover(journal)
-            journal.unlink()
+                self._recover(journal, part)
+            with os_errors(journal, "cannot remove a replayed journal"):
+                journal.unlink()
         for path in sorted(self.parts_dir.glob("part-*.parquet")):
+            with os_errors(path, "cannot read a committed part"):
+                fh = open(path, "rb")  # opened here, so a permission error is not taken for a corrupt part
             try:
                 seq = int(path.stem.split("-")[1])
-                with pq.ParquetFile(path) as parquet:
+                with fh, pq.ParquetFile(fh) as parquet:
                     # A reopened output is a part without request digests.
                     columns = ["row_id", "status", "error_type", "cost"] + \
                         (["request_hash"] if "request_hash" in parquet.schema_arrow.names else [])
                     table = parquet.read(columns=columns)
-            except (ValueError, IndexError, OSError, pa.ArrowException):
-                path.rename(path.with_name(path.name + ".corrupt"))  # kept for inspection, never trusted
+            except OSError as exc:
+                if exc.errno is not None:  # the OS failed to read it (pyarrow's parse errors carry no errno)
+                    raise sink_error(path, "cannot read a committed part", exc) from exc
+                self._set_aside(path)
+                continue
+            except (ValueError, IndexError, pa.ArrowException):
+                self._set_aside(path)
                 continue
             if table.num_rows == 0:
                 continue
@@ -289,13 +365,21 @@ class ParquetSink:
             self._parts.append(Part(seq, path, min(rows), max(rows)))
         self._parts.sort(key=lambda p: p.seq)
 
-    def _recover(self, journal: Path) -> None:
+    def _set_aside(self, part: Path) -> None:
+        """A part that does not open is kept for inspection as .corrupt, never trusted: its rows are redone."""
+        with os_errors(part, "cannot set aside a corrupt part"):
+            part.rename(part.with_name(part.name + ".corrupt"))
+
+    def _recover(self, journal: Path, part: Path) -> None:
         """Turn the whole lines of a journal whose part was never committed into that part."""
-        results = list(replay(journal))
+        with os_errors(journal, "cannot read the journal of an interrupted run"):
+            results = list(replay(journal))
         if not results:
             return
         try:  # the part is registered by the scan of part files that follows
-            self._write_part(results, self.parts_dir / f"part-{journal.stem.split('-')[1]}.parquet")
+            self._write_part(results, part)
+        except OSError as exc:  # the journal stays, so the next run can try again
+            raise sink_error(part, "cannot recover the journal of an interrupted run into a part", exc) from exc
         except (pa.ArrowException, ValueError, TypeError):
             return  # rows that cannot be rebuilt are simply not done: the rerun sends them again
         self.recovered_from_journal += len(results)
@@ -309,12 +393,13 @@ class ParquetSink:
 
     # -- writing -----------------------------------------------------------------------------
     def write(self, result: Result) -> None:
+        journal = self._journal.path if self._journal else self.parts_dir / f"journal-{self._next_seq:06d}.jsonl"
         try:
             if self._journal is None:
-                self._journal = Journal(self.parts_dir / f"journal-{self._next_seq:06d}.jsonl")
+                self._journal = Journal(journal)
             self._journal.append(result)
         except OSError as exc:
-            raise self._disk_error(self.parts_dir, exc) from None
+            raise self._disk_error(journal, exc) from exc
         self._buffer.append(result)
         if len(self._buffer) >= self.part_rows or self.seconds_until_due() <= 0:
             self.flush()
@@ -333,11 +418,12 @@ class ParquetSink:
         try:
             self._parts.append(self._write_part(self._buffer, path))
         except OSError as exc:
-            raise self._disk_error(path, exc) from None
+            raise self._disk_error(path, exc) from exc
         self._buffer = []
         if self._journal is not None:
-            self._journal.discard()
-            self._journal = None
+            journal, self._journal = self._journal, None
+            with os_errors(journal.path, "cannot remove the journal of a committed part"):
+                journal.discard()
 
     def commit(self, results: list[Result]) -> None:
         """Commit a whole set of results as one part at once (a batch's answers, read from files that
@@ -349,7 +435,7 @@ class ParquetSink:
         try:
             self._parts.append(self._write_part(results, path))
         except OSError as exc:
-            raise self._disk_error(path, exc) from None
+            raise self._disk_error(path, exc) from exc
 
     def _write_part(self, results: list[Result], path: Path) -> Part:
         results = sorted(results, key=lambda r: r.row_id)  # the merge relies on it: it slices parts by row_id
@@ -359,8 +445,8 @@ class ParquetSink:
         return Part(seq, path, results[0].row_id, results[-1].row_id)
 
     def _disk_error(self, path: Path, exc: OSError) -> SinkError:
-        return SinkError(f"{path}: cannot write results ({exc.strerror or exc}); rows committed before this are kept",
-                         hint="free disk space or fix permissions, then run the same command again to resume")
+        return SinkError(f"{path}: cannot write results ({os_reason(exc)}); rows committed before this are kept",
+                         hint=_hint(exc))
 
     # -- finishing ---------------------------------------------------------------------------
     def finalize(self, expected_rows: int) -> int:
@@ -390,11 +476,10 @@ class ParquetSink:
             os.replace(tmp, self.output)
             _fsync_dir(self.output.parent)
         except OSError as exc:
-            raise SinkError(f"{self.output}: cannot write the output ({exc.strerror or exc}); parts kept in "
-                            f"{self.parts_dir}", hint="free disk space, then run the same command again") from None
+            raise SinkError(f"{exc.filename or self.output}: cannot write the output ({os_reason(exc)}); parts kept "
+                            f"in {self.parts_dir}", hint=_hint(exc)) from exc
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            _remove_quietly(tmp)
         self._release_lock()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return written
@@ -410,8 +495,9 @@ class ParquetSink:
         for part in self._parts:
             if part.max_row < low or part.min_row >= high:
                 continue
-            with pq.ParquetFile(part.path) as parquet:
-                table = parquet.read(columns=self.schema.names, use_threads=False)
+            with os_errors(part.path, "cannot read a committed part"):  # not "cannot write the output"
+                with pq.ParquetFile(part.path) as parquet:
+                    table = parquet.read(columns=self.schema.names, use_threads=False)
             row_ids = table.column("row_id")
             start, stop = _count_below(row_ids, low), _count_below(row_ids, high)
             if stop > start:

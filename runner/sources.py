@@ -1,16 +1,23 @@
 """Input rows -> Requests, streamed in file order. Never reads a whole file into memory.
 
-`open_source` checks what can be checked up front (the file exists and is readable, named
-columns exist) and raises SourceError (exit 2). After that, a bad row never raises: it becomes a
-Request with `problem` set, naming the line or row and the column, and the engine writes it as
-an error row.
+`open_source` checks what can be checked up front (the file exists, is a regular file and is
+readable, named columns exist) and raises SourceError (exit 2). After that, a bad row never raises:
+it becomes a Request with `problem` set, naming the line or row and the column, and the engine
+writes it as an error row. Bad rows include text that cannot be sent (lone surrogates, which a
+valid JSON escape such as "\\ud800" produces, or invalid UTF-8 in a Parquet file), JSON lines nested
+deeper than MAX_NESTING and lines longer than MAX_LINE_BYTES (skipped without being read whole).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
+import os
+import re
+import stat
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -25,6 +32,14 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 # JSONL has no schema: a named column absent from every one of the first rows is a usage error.
 JSONL_PEEK_ROWS = 1000
 PARQUET_BATCH_ROWS = 2048
+# A JSON line longer than this is a bad row, skipped without being read whole (so one bad line cannot
+# take gigabytes of memory). The largest real requests are about 1M tokens of text (a few MB) and a
+# Batch API line may be at most 6 MB; 32 MB leaves room for base64 images in a messages column.
+MAX_LINE_BYTES = 32 * 1024 * 1024
+# A row nested deeper than this is a bad row. Real rows (messages with content parts, parameters) are
+# a few levels deep; Python's JSON parser and encoders recurse, and about 1,000 levels crash them.
+MAX_NESTING = 200
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def input_format(path: Path) -> str:
@@ -46,14 +61,7 @@ class RequestSource:
         self.limit = limit
         self.path = spec.path
         self.format = input_format(spec.path)
-        if not self.path.is_file():
-            what = "is a directory, not a file" if self.path.is_dir() else "not found"
-            raise SourceError(f"{self.path}: input file {what}")
-        try:
-            with open(self.path, "rb"):
-                pass
-        except OSError as exc:
-            raise SourceError(f"{self.path}: cannot read input file ({exc.strerror})") from None
+        _check_regular_file(self.path)
         if self.format == "parquet":
             self._open_parquet()
         else:
@@ -79,12 +87,18 @@ class RequestSource:
         self.kept_fields = tuple(schema.field(name) for name in self.spec.keep_columns)
         self.total = self._parquet.metadata.num_rows
 
-    def _parquet_rows(self) -> Iterator[tuple[str, dict]]:
+    def _parquet_rows(self) -> Iterator[tuple[str, Any, bool]]:
+        """(where, values, whether the values need checking) per row. Parquet text is UTF-8 and pyarrow reads
+        no schema nested more than 100 levels deep, so only a batch whose text would not decode is checked."""
         row_id = 0
         columns = list(self.spec.needed_columns())
         for batch in self._parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns or None):
-            for values in batch.to_pylist():
-                yield f"row {row_id}", values
+            try:
+                rows, check = batch.to_pylist(), False
+            except UnicodeDecodeError:  # Arrow does not check that a string column holds UTF-8
+                rows, check = _rows_with_bad_text(batch), True
+            for values in rows:
+                yield f"row {row_id}", values, check
                 row_id += 1
 
     # -- JSONL -------------------------------------------------------------------------------
@@ -99,41 +113,49 @@ class RequestSource:
             return
         seen: set[str] = set()
         rows = 0
+        objects = 0
+        first_problem = ""
         try:
-            for _where, values in self._jsonl_rows():
+            for where, values, _check in self._jsonl_rows():
                 if isinstance(values, dict):
                     seen.update(k for k in needed if k in values)
+                    objects += 1
+                elif not first_problem:
+                    first_problem = f"{where}: {_not_an_object(values)}"
                 rows += 1
                 if rows >= JSONL_PEEK_ROWS or len(seen) == len(needed):
                     break
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise SourceError(f"{self.path}: cannot read input file ({exc})") from None
+        if rows and not objects:
+            raise SourceError(f"{self.path}: none of the first {rows} lines is a JSON object ({first_problem})",
+                              hint="JSON Lines has one object per line, e.g. {\"prompt\": \"...\"}; "
+                                   "a JSON array converts with: jq -c '.[]' file.json > file.jsonl")
         missing = [c for c in needed if c not in seen]
         if rows and missing:
             raise SourceError(f"{self.path}: no column {_names(missing)} in any of the first {rows} rows")
 
-    def _jsonl_rows(self) -> Iterator[tuple[str, Any]]:
-        """(where, parsed object or a problem string) per non-blank line."""
+    def _jsonl_rows(self) -> Iterator[tuple[str, Any, bool]]:
+        """(where, parsed object or a problem string, whether the values need checking) per non-blank line."""
         with self._open_text() as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {lineno}", json.loads(line)
-                except ValueError as exc:
-                    yield f"line {lineno}", _Problem(f"invalid JSON ({_json_reason(exc)})")
+            for lineno, line in enumerate(_lines(fh), start=1):
+                if len(line) > MAX_LINE_BYTES and _overlong(line, fh):  # len first: a call costs more
+                    yield f"line {lineno}", _Problem(f"longer than {MAX_LINE_BYTES:,} bytes"), False
+                elif line.strip():
+                    yield f"line {lineno}", _parse_line(line), True
 
     # -- rows -> requests --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Request]:
         rows = self._parquet_rows() if self.format == "parquet" else self._jsonl_rows()
         limit = self.limit
+        needed = self.spec.needed_columns()
         try:
-            for row_id, (where, values) in enumerate(rows):
+            for row_id, (where, values, check) in enumerate(rows):
                 if limit is not None and row_id >= limit:
                     return
                 yield build_request(values, row_id=row_id, where=where, spec=self.spec, model=self.model,
-                                    keep_as_text=self.format != "parquet")
-        except (OSError, EOFError, pa.ArrowException) as exc:
+                                    keep_as_text=self.format != "parquet", check_columns=needed if check else ())
+        except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
             raise SourceError(f"{self.path}: input became unreadable while reading ({exc})") from None
 
 
@@ -141,13 +163,177 @@ def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None) 
     return RequestSource(spec, model, limit=limit)
 
 
+def _check_regular_file(path: Path) -> None:
+    """The input must be a regular file: it is read twice (rows are counted first), and opening a named pipe
+    would wait for a writer."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise SourceError(f"{path}: input file not found") from None
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read input file ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise SourceError(f"{path}: input file is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device")
+        raise SourceError(f"{path}: input is {kind}, not a regular file; expected a .jsonl, .jsonl.gz or "
+                          ".parquet file", hint="the input is read twice (rows are counted first): save the "
+                                                "stream to a file and name that file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read input file ({exc.strerror})") from None
+
+
+def _lines(fh: io.BufferedIOBase) -> Iterator[bytes]:
+    """The file's lines, each cut at MAX_LINE_BYTES + 1 bytes: a longer line comes back as its first piece
+    (no newline at the end); `_overlong` says so and skips the rest, so no line is ever held whole."""
+    return iter(functools.partial(fh.readline, MAX_LINE_BYTES + 1), b"")
+
+
+def _overlong(line: bytes, fh: io.BufferedIOBase) -> bool:
+    """Whether `line` is the first piece of a line longer than MAX_LINE_BYTES; if so, the rest is skipped."""
+    if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+        return False
+    while True:
+        rest = fh.readline(1 << 20)
+        if not rest or rest.endswith(b"\n"):
+            return True
+
+
+def _parse_line(line: bytes) -> Any:
+    """A JSON line -> its value, or a _Problem saying why it has none.
+
+    Decoding first (strict UTF-8) is faster than json.loads on bytes (no encoding detection, no
+    surrogatepass: a fifth fewer instructions a line) and refuses encoded surrogates, so after it only
+    a \\uD... escape can make a lone surrogate; `_value_problem` looks for those in the columns used."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _Problem(f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1})")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return _Problem(f"nested deeper than {MAX_NESTING} levels")
+    except ValueError as exc:
+        if text.startswith("\ufeff"):  # a byte order mark, which json.loads on bytes used to drop
+            return _parse_line(line[3:])
+        return _Problem(f"invalid JSON ({_json_reason(exc)})")
+
+
+def _value_problem(values: Mapping[str, Any], columns: tuple[str, ...]) -> tuple[str, bool] | None:
+    """The first problem among the values of `columns`, and whether the row can still be stored once its
+    bad code points are replaced (True: a text problem) or not (False: nesting too deep to handle).
+
+    Cheap for the usual row: an ASCII string is known to be ASCII in constant time (CPython records it)
+    and a lone surrogate is never ASCII; other strings are encoded once, lists and objects walked once."""
+    for name in columns:
+        value = values.get(name)
+        cls = value.__class__
+        if cls is str:
+            if value.isascii():
+                continue
+            bad = _unencodable(value)
+        elif cls is list or cls is dict:
+            bad = _nested_problem(value)
+            if bad is _TOO_DEEP:
+                return f"column {name!r}: nested deeper than {MAX_NESTING} levels", False
+        elif value is _UNDECODABLE:
+            return f"column {name!r}: not valid UTF-8 text (inside a nested value); it cannot be sent", True
+        else:
+            continue
+        if bad is not None:
+            return (f"column {name!r}: not valid UTF-8 text: {bad} is a lone surrogate (or an invalid byte "
+                    "in the file) and cannot be sent"), True
+    return None
+
+
+_TOO_DEEP = "nested too deep"
+
+
+def _unencodable(text: str) -> str | None:
+    """None for text that can be encoded as UTF-8, else its first bad code point, escaped."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ascii(text[exc.start])
+    return None
+
+
+def _nested_problem(value: list | dict) -> str | None:
+    """_TOO_DEEP when lists and objects nest more than MAX_NESTING levels (the value itself is one), else the
+    first code point of its strings (keys too) that cannot be encoded as UTF-8, escaped, else None.
+    Iterative: the value may be deeper than Python's recursion limit allows."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return _TOO_DEEP
+        if item.__class__ is dict:
+            for key in item:
+                if not key.isascii() and _unencodable(key) is not None:
+                    return _unencodable(key)
+            children = item.values()
+        else:
+            children = item
+        for child in children:
+            cls = child.__class__
+            if cls is str:
+                if not child.isascii():
+                    bad = _unencodable(child)
+                    if bad is not None:
+                        return bad
+            elif cls is list or cls is dict:
+                stack.append((child, depth + 1))
+    return None
+
+
+def _rows_with_bad_text(batch: pa.RecordBatch) -> list[dict]:
+    """The rows of a Parquet batch with invalid UTF-8 in a string column: the bad text comes back with its
+    bad bytes as lone surrogates (the row check then refuses the row and stores U+FFFD); a value with bad
+    text nested in a list or struct comes back as _UNDECODABLE (stored as null)."""
+    columns = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            columns[name] = column.to_pylist()
+            continue
+        except UnicodeDecodeError:
+            pass
+        cells = []
+        for scalar in column:
+            try:
+                cells.append(scalar.as_py())
+            except UnicodeDecodeError:
+                text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                cells.append(scalar.as_buffer().to_pybytes().decode("utf-8", "surrogateescape") if text
+                             else _UNDECODABLE)
+        columns[name] = cells
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+
 class _Problem(str):
     """A row that could not even be parsed: the string says why."""
 
 
+class _Undecodable:
+    """A Parquet value (a list or struct) with invalid UTF-8 text inside."""
+
+    def __repr__(self) -> str:
+        return "<undecodable>"
+
+
+_UNDECODABLE = _Undecodable()
+
+
 def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, model: ModelSpec,
-                  keep_as_text: bool = False) -> Request:
-    """Render one row into a Request; a bad row gives a Request with `problem` naming where and what."""
+                  keep_as_text: bool = False, check_columns: tuple[str, ...] | None = None) -> Request:
+    """Render one row into a Request; a bad row gives a Request with `problem` naming where and what.
+
+    The values of `check_columns` (default: every column the job reads) are checked for text that cannot
+    be sent as UTF-8 and for nesting deeper than MAX_NESTING; a reader passes () for rows that cannot have
+    either."""
     key = str(row_id)
     model_name = model.name
 
@@ -158,14 +344,25 @@ def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, mode
     if isinstance(values, _Problem):
         return bad(str(values))
     if not isinstance(values, dict):
-        return bad(f"expected a JSON object, got {type(values).__name__}")
+        return bad(_not_an_object(values))
 
+    found = _value_problem(values, spec.needed_columns() if check_columns is None else check_columns)
+    text_problem = None
+    if found is not None:
+        text_problem, storable = found
+        if not storable:
+            return bad(text_problem)
+        # The error row stores U+FFFD for each bad code point (Parquet and the journal need valid text);
+        # the same row gives the same key and digest on every run, so a rerun skips it.
+        values = _scrubbed(values)
     kept = {name: _kept_value(values.get(name), keep_as_text) for name in spec.keep_columns}
     if spec.id_column:
         raw_key = values.get(spec.id_column)
         if raw_key is None or raw_key == "":
             return bad(f"column {spec.id_column!r}: expected an id, got {_what(raw_key)}", kept)
         key = raw_key if isinstance(raw_key, str) else json.dumps(raw_key)
+    if text_problem is not None:
+        return bad(text_problem, kept)
 
     if spec.model_column:
         override = values.get(spec.model_column)
@@ -178,10 +375,9 @@ def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, mode
     if spec.params_column:
         row_params = values.get(spec.params_column)
         if isinstance(row_params, str) and row_params.strip():
-            try:
-                row_params = json.loads(row_params)
-            except ValueError as exc:
-                return bad(f"column {spec.params_column!r}: invalid JSON ({_json_reason(exc)})", kept)
+            row_params, problem = _json_in_column(row_params, spec.params_column)
+            if problem:
+                return bad(problem, kept)
         if row_params not in (None, ""):
             if not isinstance(row_params, dict):
                 return bad(f"column {spec.params_column!r}: expected a JSON object, got {_what(row_params)}", kept)
@@ -204,7 +400,10 @@ def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, mode
             if value is None:
                 return bad(f"column {name!r}: template needs a value, got {_what(value)}", kept)
             fields[name] = value
-        prompt = spec.template.format_map(fields)  # type: ignore[union-attr]
+        try:
+            prompt = spec.template.format_map(fields)  # type: ignore[union-attr]
+        except (ValueError, TypeError) as exc:  # a format spec that does not fit the value, e.g. {n:d} for text
+            return bad(f"template cannot be filled in with this row's values ({exc})", kept)
         if not prompt.strip():
             return bad("template rendered an empty prompt", kept)
         messages = [{"role": "user", "content": prompt}]
@@ -214,12 +413,31 @@ def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, mode
     return Request(row_id=row_id, key=key, model=model_name, messages=tuple(messages), params=params, kept=kept)
 
 
+def _json_in_column(text: str, column: str) -> tuple[Any, str | None]:
+    """A column's JSON text -> (its value, None) or (None, the problem): invalid JSON, nesting deeper than
+    MAX_NESTING, or a \\uD... escape that makes a lone surrogate."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return None, f"column {column!r}: nested deeper than {MAX_NESTING} levels"
+    except ValueError as exc:
+        return None, f"column {column!r}: invalid JSON ({_json_reason(exc)})"
+    if value.__class__ is str:
+        bad = None if value.isascii() else _unencodable(value)
+    else:
+        bad = _nested_problem(value) if value.__class__ in (list, dict) else None
+    if bad is _TOO_DEEP:
+        return None, f"column {column!r}: nested deeper than {MAX_NESTING} levels"
+    if bad is not None:
+        return None, f"column {column!r}: not valid UTF-8 text: {bad} is a lone surrogate and cannot be sent"
+    return value, None
+
+
 def _messages(value: Any, column: str) -> list[dict] | str:
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            return f"column {column!r}: invalid JSON ({_json_reason(exc)})"
+        value, problem = _json_in_column(value, column)
+        if problem:
+            return problem
     if not isinstance(value, list) or not value:
         return f"column {column!r}: expected a non-empty list of {{role, content}} messages, got {_what(value)}"
     messages = []
@@ -234,6 +452,27 @@ def _messages(value: Any, column: str) -> list[dict] | str:
             return f"column {column!r}: message {i}: expected non-empty content, got {_what(content)}"
         messages.append({k: v for k, v in message.items() if v is not None})
     return messages
+
+
+def _not_an_object(values: Any) -> str:
+    if isinstance(values, _Problem):
+        return str(values)
+    if isinstance(values, list):
+        return "expected a JSON object, got a list (JSON Lines has one object per line, not an array)"
+    return f"expected a JSON object, got {type(values).__name__}"
+
+
+def _scrubbed(value: Any) -> Any:
+    """`value` with U+FFFD in place of every lone surrogate, in nested lists and objects too."""
+    if value is _UNDECODABLE:
+        return None
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
 
 
 def _kept_value(value: Any, as_text: bool) -> Any:
@@ -259,10 +498,11 @@ def _names(columns: list[str]) -> str:
 
 
 def _count_lines(path: Path) -> int:
-    """Non-blank lines, counted on raw bytes (about 1 s per GB) so the progress bar has a total."""
+    """Non-blank lines (an overlong line counts: it is a row), counted on raw bytes (about 1 s per GB) so the
+    progress bar has a total."""
     count = 0
-    with open(path, "rb") as fh:
-        for line in fh:
-            if line.strip():
+    with open(path, "rb", buffering=1 << 20) as fh:
+        for line in _lines(fh):
+            if (len(line) > MAX_LINE_BYTES and _overlong(line, fh)) or line.strip():  # skip the rest first
                 count += 1
     return count

@@ -8,6 +8,7 @@ which changes only what was given.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import string
 import tomllib
@@ -27,6 +28,17 @@ BATCH_MAX_LINES = 50_000
 BATCH_MAX_BYTES = 500 * 1024 * 1024
 BATCH_MAX_DESCRIPTION = 200
 TRANSPORTS = ("aiohttp", "httpx")
+DAY = 86_400.0
+HOUR = 3_600.0
+# Each request in flight holds a connection (a file descriptor: the usual soft limit is 1,024, often
+# raised to 65,536), its body and its answer (tens of KB, more for long answers), and DashScope's own
+# limits (30,000 RPM at best, about 500 requests a second) keep at most a few thousand requests in
+# flight at the latencies LLM calls have. Ten thousand is past any real need; a billion (a typo)
+# would grow the run by ~180 MB/s until the machine runs out of memory.
+MAX_CONCURRENCY = 10_000
+# Far above any account's limits, low enough that rate arithmetic (tokens x seconds) stays finite.
+MAX_RPM = 1e8
+MAX_TPM = 1e11
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,7 @@ class JobSpec:
             if value is None:
                 continue
             if name == "model":
+                _check_override(name, value)
                 spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=value))
             elif name == "output":
                 spec = dataclasses.replace(spec, output=OutputSpec(_parquet_path(Path(value))))
@@ -153,33 +166,41 @@ class JobSpec:
 
 
 def _check_override(name: str, value: Any) -> None:
+    """A flag's value gets the checks of the job-file key it overrides (the same bounds table)."""
     where = f"--{name.replace('_', '-')}"
-    if name in ("rpm", "tpm", "max_cost") and value <= 0:
-        raise SpecError(f"{where}: expected a number > 0, got {value}")
-    if name in ("concurrency", "max_attempts") and value < 1:
-        raise SpecError(f"{where}: expected an integer >= 1, got {value}")
-    if name == "limit" and value < 0:
-        raise SpecError(f"{where}: expected an integer >= 0, got {value}")
-    if name == "max_error_rate" and not 0 <= value <= 1:
-        raise SpecError(f"{where}: expected a number from 0 to 1, got {value}")
+    if name in FLAG_KEYS:
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        problem = BOUNDS[("run", name)].problem(value, integer=integer)
+        if problem:
+            raise SpecError(f"{where}: {problem}, got {value}")
     if name == "mode" and value not in MODES:
         raise SpecError(f"{where}: expected one of {', '.join(MODES)}, got {value!r}")
-    if name == "batch_poll_seconds" and value <= 0:
-        raise SpecError(f"{where}: expected a number > 0, got {value}")
     if name == "api_key_env" and key_env_problem(value):
         raise SpecError(f"{where}: {key_env_problem(value)}")  # never echo it: it may be the key itself
     if name == "dialect" and value not in DIALECTS:
         raise SpecError(f"{where}: expected one of {', '.join(DIALECTS)}, got {value!r}")
+    if isinstance(value, str):
+        bad = _unencodable_text(value)
+        if bad is not None:
+            raise SpecError(f"{where}: not valid UTF-8 text ({bad})")
+    if name == "base_url" and not value.startswith(("http://", "https://")):
+        raise SpecError(f"{where}: expected an http:// or https:// URL, got {value!r}")
+    if name == "model" and not value.strip():
+        raise SpecError(f"{where}: expected a model name, got an empty string")
 
 
 def template_fields(template: str) -> tuple[str, ...]:
     """Column names used as {placeholders}; raises ValueError for a malformed template."""
     names = []
-    for _literal, name, _spec, _conv in string.Formatter().parse(template):
+    for _literal, name, spec, conversion in string.Formatter().parse(template):
         if name is None:
             continue
-        if not name or not name.replace("_", "a").replace("-", "a").replace(" ", "a").isalnum():
+        if not name or not name.replace("_", "a").replace("-", "a").replace(" ", "a").isalnum() or name.isdigit():
             raise ValueError(f"placeholder {{{name}}} is not a plain column name (use {{{{ and }}}} for literal braces)")
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(f"placeholder {{{name}!{conversion}}}: the conversion must be !r, !s or !a")
+        if spec and "{" in spec:
+            raise ValueError(f"placeholder {{{name}:{spec}}}: a format spec cannot hold another placeholder")
         names.append(name)
     return tuple(dict.fromkeys(names))
 
@@ -223,6 +244,71 @@ _SECTIONS: dict[str, dict[str, str]] = {
 }
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric key may take: `low` to `high` (above `low` when `low_open`; no upper end when
+    `high` is None). Never nan or inf, which TOML and float flags both accept."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    why: str = ""  # appended to the error: why the limit is there
+
+    def problem(self, value: float, *, integer: bool) -> str | None:
+        """None when the value is allowed, else what is expected, e.g. "expected an integer from 1 to 10,000"."""
+        too_low = value <= self.low if self.low_open else value < self.low
+        finite = not isinstance(value, float) or math.isfinite(value)  # ints may be huge but are finite
+        if finite and not too_low and (self.high is None or value <= self.high):
+            return None
+        kind = "an integer" if integer else "a number" if self.high is not None else "a finite number"
+        if self.high is None:
+            text = f"{kind} {'>' if self.low_open else '>='} {_number(self.low)}"
+        elif self.low_open:
+            text = f"{kind} > {_number(self.low)} and at most {_number(self.high)}"
+        else:
+            text = f"{kind} from {_number(self.low)} to {_number(self.high)}"
+        return f"expected {text}{f' ({self.why})' if self.why else ''}"
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+_POSITIVE_SECONDS = Bound(0, DAY, low_open=True)
+_PRICE = Bound(0, 1e6)  # per 1M tokens; the dearest model costs well under 1,000
+# Every numeric key of the job file, and (through `JobSpec.override`) the flags that set the same keys.
+BOUNDS: dict[tuple[str, str], Bound] = {
+    ("endpoint", "timeout"): _POSITIVE_SECONDS,
+    ("endpoint", "connect_timeout"): _POSITIVE_SECONDS,
+    ("endpoint", "stream_idle_timeout"): _POSITIVE_SECONDS,
+    ("endpoint", "read_timeout"): _POSITIVE_SECONDS,
+    **{("model", key): _PRICE for key in PRICE_KEYS},
+    ("run", "concurrency"): Bound(1, MAX_CONCURRENCY, why="each request in flight holds a connection and memory"),
+    ("run", "max_attempts"): Bound(1, 100),
+    ("run", "backoff_initial"): Bound(0, HOUR),
+    ("run", "backoff_max"): Bound(0, HOUR),
+    ("run", "retry_after_max"): Bound(0, DAY),
+    ("run", "max_error_rate"): Bound(0, 1),
+    ("run", "limit"): Bound(0),
+    ("run", "part_rows"): Bound(1, 1_000_000, why="a part's rows are held in memory until it is written"),
+    ("run", "part_seconds"): Bound(0, HOUR, low_open=True),
+    ("run", "drain_seconds"): Bound(0, DAY),
+    ("run", "rpm"): Bound(0, MAX_RPM, low_open=True),
+    ("run", "tpm"): Bound(0, MAX_TPM, low_open=True),
+    ("run", "expected_output_tokens"): Bound(1, 1_000_000),
+    ("run", "cooldown_seconds"): Bound(0, HOUR),
+    ("run", "retry_budget"): Bound(0, 100, low_open=True),
+    ("run", "max_cost"): Bound(0, 1e12, low_open=True),
+    ("run", "batch_poll_seconds"): _POSITIVE_SECONDS,
+    ("run", "batch_max_lines"): Bound(1, BATCH_MAX_LINES, why=f"the Batch API takes at most {BATCH_MAX_LINES:,} lines a file"),
+    ("run", "batch_max_bytes"): Bound(1, BATCH_MAX_BYTES, why=f"the Batch API takes at most {BATCH_MAX_BYTES:,} bytes a file"),
+}
+# [run.limits] "model" = { rpm = .., tpm = .. } take the same values as [run] rpm and tpm.
+BOUNDS.update({("run.limits", key): BOUNDS[("run", key)] for key in ("rpm", "tpm")})
+# The CLI flags that override a numeric key of [run].
+FLAG_KEYS = ("concurrency", "max_attempts", "rpm", "tpm", "max_cost", "limit", "max_error_rate", "batch_poll_seconds")
+
+
 def _type_ok(expected: str, value: Any) -> bool:
     if expected == _STR:
         return isinstance(value, str)
@@ -248,6 +334,38 @@ def _describe(value: Any) -> str:
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
     text = repr(value)
     return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def _unencodable_text(text: str) -> str | None:
+    """None for text that can be sent (encoded as UTF-8), else where it breaks: a lone surrogate, which a
+    JSON escape ("\\ud800") or an undecodable byte in a command-line argument can produce."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"character {exc.start}: {ascii(text[exc.start])}"
+    return None
+
+
+def _unusable_value(value: Any, at: str) -> tuple[str, str] | None:
+    """Where (`at`, a key path such as extra.a[0]) and why a job-file value is unusable, in nested tables and
+    lists too: nan or inf, which TOML accepts but JSON bodies and rate arithmetic cannot, or text that is
+    not valid UTF-8."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return at, f"expected a finite number, got {value}"
+    if isinstance(value, str):
+        bad = _unencodable_text(value)
+        return (at, f"not valid UTF-8 text ({bad})") if bad else None
+    if isinstance(value, dict):
+        for name, item in value.items():
+            found = _unusable_value(name, f"{at} (a key)") or _unusable_value(item, f"{at}.{ascii(name)[1:-1]}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unusable_value(item, f"{at}[{index}]")
+            if found:
+                return found
+    return None
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -290,6 +408,14 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
             if not _type_ok(expected, value):
                 shown = "another type" if key in _SECRET_NEIGHBOURS else _describe(value)  # may be a pasted key
                 _raise(fail(section, key, f"expected {expected}, got {shown}"))
+            bound = BOUNDS.get((section, key))
+            if bound is not None:
+                problem = bound.problem(value, integer=expected == _INT)
+                if problem:
+                    _raise(fail(section, key, f"{problem}, got {_describe(value)}"))
+            unusable = _unusable_value(value, key)
+            if unusable:
+                _raise(fail(section, *unusable))
 
     def get(section: str, key: str, default: Any = None) -> Any:
         return raw.get(section, {}).get(key, default)
@@ -298,12 +424,6 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         if key not in raw.get(section, {}):
             _raise(fail(section, key, "missing; this key is required"))
         return raw[section][key]
-
-    def positive(section: str, key: str, default: Any, *, allow_zero: bool = False) -> Any:
-        value = get(section, key, default)
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            _raise(fail(section, key, f"expected a value {'>= 0' if allow_zero else '> 0'}, got {value}"))
-        return value
 
     # [input]
     input_path = _join(base, require("input", "path"))
@@ -359,10 +479,10 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         dialect=dialect, region=region, base_url=base_url, workspace=workspace,
         api_key_env=key_env,
         api_key_file=_join(base, key_file) if key_file else None,
-        timeout=float(positive("endpoint", "timeout", 300.0)),
-        connect_timeout=float(positive("endpoint", "connect_timeout", 10.0)),
-        stream_idle_timeout=float(positive("endpoint", "stream_idle_timeout", 60.0)),
-        read_timeout=float(positive("endpoint", "read_timeout", 60.0)),
+        timeout=float(get("endpoint", "timeout", 300.0)),
+        connect_timeout=float(get("endpoint", "connect_timeout", 10.0)),
+        stream_idle_timeout=float(get("endpoint", "stream_idle_timeout", 60.0)),
+        read_timeout=float(get("endpoint", "read_timeout", 60.0)),
         transport=transport,
     )
 
@@ -381,34 +501,32 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
 
     # [run]
     run = RunSpec(
-        concurrency=positive("run", "concurrency", 64),
-        max_attempts=positive("run", "max_attempts", 6),
-        backoff_initial=float(positive("run", "backoff_initial", 1.0, allow_zero=True)),
-        backoff_max=float(positive("run", "backoff_max", 60.0, allow_zero=True)),
-        retry_after_max=float(positive("run", "retry_after_max", 120.0, allow_zero=True)),
-        max_error_rate=float(positive("run", "max_error_rate", 0.0, allow_zero=True)),
-        limit=positive("run", "limit", None, allow_zero=True),
-        part_rows=positive("run", "part_rows", 1000),
-        part_seconds=float(positive("run", "part_seconds", 5.0)),
-        drain_seconds=float(positive("run", "drain_seconds", 30.0, allow_zero=True)),
-        rpm=positive("run", "rpm", None), tpm=positive("run", "tpm", None),
+        concurrency=get("run", "concurrency", 64),
+        max_attempts=get("run", "max_attempts", 6),
+        backoff_initial=float(get("run", "backoff_initial", 1.0)),
+        backoff_max=float(get("run", "backoff_max", 60.0)),
+        retry_after_max=float(get("run", "retry_after_max", 120.0)),
+        max_error_rate=float(get("run", "max_error_rate", 0.0)),
+        limit=get("run", "limit", None),
+        part_rows=get("run", "part_rows", 1000),
+        part_seconds=float(get("run", "part_seconds", 5.0)),
+        drain_seconds=float(get("run", "drain_seconds", 30.0)),
+        rpm=get("run", "rpm", None), tpm=get("run", "tpm", None),
         limits=MappingProxyType(_model_limits(get("run", "limits", {}), fail)),
         adaptive_rate=get("run", "adaptive_rate", True),
-        expected_output_tokens=positive("run", "expected_output_tokens", None),
-        cooldown_seconds=float(positive("run", "cooldown_seconds", 0.25, allow_zero=True)),
-        retry_budget=float(positive("run", "retry_budget", 1.0)),
-        max_cost=positive("run", "max_cost", None),
+        expected_output_tokens=get("run", "expected_output_tokens", None),
+        cooldown_seconds=float(get("run", "cooldown_seconds", 0.25)),
+        retry_budget=float(get("run", "retry_budget", 1.0)),
+        max_cost=get("run", "max_cost", None),
     )
-    run = _batch_settings(run, get, positive, fail)
-    if run.max_error_rate > 1:
-        _raise(fail("run", "max_error_rate", f"expected a number from 0 to 1, got {run.max_error_rate}"))
+    run = _batch_settings(run, get, fail)
 
     # [output]
     output = OutputSpec(_parquet_path(_join(base, require("output", "path"))))
     return JobSpec(source=source, input=inp, endpoint=endpoint, model=model, run=run, output=output)
 
 
-def _batch_settings(run: RunSpec, get, positive, fail) -> RunSpec:
+def _batch_settings(run: RunSpec, get, fail) -> RunSpec:
     """The [run] keys of batch mode, checked against the Batch API's own limits (API facts 7.2, 7.3)."""
     mode = get("run", "mode", "online")
     if mode not in MODES:
@@ -426,17 +544,13 @@ def _batch_settings(run: RunSpec, get, positive, fail) -> RunSpec:
             fallback = parse_duration(fallback)
         except ValueError as exc:
             _raise(fail("run", "batch_fallback_after", str(exc)))
-    lines = positive("run", "batch_max_lines", BATCH_MAX_LINES)
-    if lines > BATCH_MAX_LINES:
-        _raise(fail("run", "batch_max_lines", f"the Batch API takes at most {BATCH_MAX_LINES:,} lines a file, got {lines:,}"))
-    size = positive("run", "batch_max_bytes", BATCH_MAX_BYTES)
-    if size > BATCH_MAX_BYTES:
-        _raise(fail("run", "batch_max_bytes", f"the Batch API takes files of at most {BATCH_MAX_BYTES:,} bytes, got {size:,}"))
+    lines = get("run", "batch_max_lines", BATCH_MAX_LINES)  # both bounded by the Batch API's caps (BOUNDS)
+    size = get("run", "batch_max_bytes", BATCH_MAX_BYTES)
     description = get("run", "batch_description")
     if description is not None and len(description) > BATCH_MAX_DESCRIPTION:
         _raise(fail("run", "batch_description", f"at most {BATCH_MAX_DESCRIPTION} characters, got {len(description)}"))
     return dataclasses.replace(run, mode=mode, completion_window=window, batch_fallback_after=fallback,
-                               batch_poll_seconds=float(positive("run", "batch_poll_seconds", 60.0)),
+                               batch_poll_seconds=float(get("run", "batch_poll_seconds", 60.0)),
                                batch_max_lines=lines, batch_max_bytes=size, batch_description=description)
 
 
@@ -466,8 +580,11 @@ def _model_limits(table: Mapping[str, Any], fail) -> dict[str, tuple[float | Non
             _raise(fail("run", f"limits.{model}", "expected a table with rpm and/or tpm, e.g. "
                         '"qwen-max" = { rpm = 600, tpm = 1000000 }'))
         for key, number in value.items():
-            if not _type_ok(_NUM, number) or number <= 0:
-                _raise(fail("run", f"limits.{model}.{key}", f"expected a number > 0, got {_describe(number)}"))
+            if not _type_ok(_NUM, number):
+                _raise(fail("run", f"limits.{model}.{key}", f"expected a number, got {_describe(number)}"))
+            problem = BOUNDS[("run.limits", key)].problem(number, integer=False)
+            if problem:
+                _raise(fail("run", f"limits.{model}.{key}", f"{problem}, got {_describe(number)}"))
         limits[model] = (value.get("rpm"), value.get("tpm"))
     return limits
 

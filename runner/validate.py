@@ -17,6 +17,7 @@ from .errors import SpecError
 from .tokens import estimate_prompt_tokens, output_reserve
 from .endpoints import chat_url
 from .batch.render import MAX_LINE_BYTES, batch_group, encode_line, fits_in_file
+from .sink import os_errors
 from .sources import open_source
 from .spec import JobSpec
 
@@ -216,26 +217,27 @@ def write_dry_run(spec: JobSpec) -> tuple[Path, int]:
     streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
     headers = {k: v for k, v in request_headers(spec.endpoint, ApiKey("")).items() if k != "Authorization"}
     path = spec.output.path.with_name(spec.output.path.stem + ".requests.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    url = chat_url(spec.endpoint)
-    with open(path, "w", encoding="utf-8") as fh:
-        for request in source:
-            if request.problem is not None:
-                line = {"row_id": request.row_id, "key": request.key, "problem": request.problem}
-            elif spec.run.mode == "batch":  # the Batch JSONL line that would be uploaded
-                try:
-                    fh.write(encode_line(request).decode())
+    with os_errors(path, "cannot write the dry run's requests"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        count = 0
+        url = chat_url(spec.endpoint)
+        with open(path, "w", encoding="utf-8") as fh:
+            for request in source:
+                if request.problem is not None:
+                    line = {"row_id": request.row_id, "key": request.key, "problem": request.problem}
+                elif spec.run.mode == "batch":  # the Batch JSONL line that would be uploaded
+                    try:
+                        fh.write(encode_line(request).decode())
+                        count += 1
+                    except (TypeError, ValueError) as exc:
+                        line = {"row_id": request.row_id, "key": request.key, "problem": f"not JSON ({exc})"}
+                        fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+                    continue
+                else:
+                    stream = streaming.wants_stream(request.model, request.params)
+                    line = {"row_id": request.row_id, "key": request.key, "method": "POST", "url": url,
+                            "headers": {**headers, **(dialect.STREAM_HEADERS if stream else {})},
+                            "body": dialect.build_payload(request, stream=stream)}
                     count += 1
-                except (TypeError, ValueError) as exc:
-                    line = {"row_id": request.row_id, "key": request.key, "problem": f"not JSON ({exc})"}
-                    fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
-                continue
-            else:
-                stream = streaming.wants_stream(request.model, request.params)
-                line = {"row_id": request.row_id, "key": request.key, "method": "POST", "url": url,
-                        "headers": {**headers, **(dialect.STREAM_HEADERS if stream else {})},
-                        "body": dialect.build_payload(request, stream=stream)}
-                count += 1
-            fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+                fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
     return path, count

@@ -60,7 +60,7 @@ def test_invalid_json_line_reported_by_validate(tmp_path):
 @pytest.mark.parametrize("section,key,value,expected", [
     ("run", "concurency", 8, "[run] concurency: unknown key"),
     ("run", "concurrency", "many", "[run] concurrency: expected an integer, got a string"),
-    ("run", "concurrency", 0, "[run] concurrency: expected a value > 0"),
+    ("run", "concurrency", 0, "[run] concurrency: expected an integer from 1 to 10,000"),
     ("model", "temperature", "hot", "[model] temperature: expected a number"),
     ("endpoint", "dialect", "grpc", "[endpoint] dialect: expected one of openai, dashscope"),
     ("endpoint", "region", "mars", "[endpoint] region: unknown region 'mars'"),
@@ -130,7 +130,7 @@ def test_bad_flag_value(tmp_path):
     job = make_job(tmp_path)
     result = run_cli("run", str(job), "--concurrency", "0")
     assert result.code == 2
-    assert "--concurrency: expected an integer >= 1" in _one_line_error(result)
+    assert "--concurrency: expected an integer from 1 to 10,000" in _one_line_error(result)
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
@@ -240,3 +241,126 @@ def test_full_disk_is_a_sink_error_and_committed_rows_are_kept(tmp_path, monkeyp
     sink.close()
     again = _sink(tmp_path)
     assert [r for r in range(6) if r in again.done] == [0, 1, 2, 3, 4, 5]  # the journal kept the rest
+
+
+# -- OS errors: every one is a one-line SinkError naming the path and the OS's reason ---------------------
+
+def _os_error(code: int):
+    """A stand-in for an OS call that fails with `code` (ENOSPC, EACCES, ...)."""
+    import os
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+def _full(path):
+    """Make `path` a symlink to /dev/full: a real device on which every write fails with ENOSPC."""
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to("/dev/full")
+
+
+def test_full_disk_on_the_journal_names_the_journal(tmp_path):
+    """A result that cannot be journaled (ENOSPC, for real: the journal is /dev/full) is a SinkError naming
+    the journal, with a hint about disk space."""
+    sink = _sink(tmp_path)
+    _full(sink.parts_dir / "journal-000001.jsonl")
+    with pytest.raises(SinkError) as info:
+        sink.write(_result(0))
+    assert "journal-000001.jsonl: cannot write results (No space left on device)" in info.value.message
+    assert "free disk space" in info.value.hint
+    sink.close()
+
+
+def test_full_disk_on_a_part_leaves_no_temporary_file_and_loses_nothing(tmp_path):
+    """A part whose write fails on a full disk (its temporary file is /dev/full) is a SinkError naming the
+    part; the temporary file is removed and the journaled rows are recovered by the next run."""
+    sink = _sink(tmp_path)
+    tmp = sink.parts_dir / ".part-000001.parquet.tmp"
+    _full(tmp)
+    with pytest.raises(SinkError, match=r"part-000001\.parquet: cannot write results \(No space left on device\)"):
+        for row_id in range(3):
+            sink.write(_result(row_id))
+    assert not tmp.is_symlink() and not tmp.exists()
+    sink._release_lock()  # the process stops here; its lock dies with it
+    again = _sink(tmp_path)
+    assert [r for r in range(3) if r in again.done] == [0, 1, 2] and again.recovered_from_journal == 3
+    again.close()
+
+
+def test_full_disk_on_the_final_merge_keeps_the_parts(tmp_path):
+    """A final merge that cannot be written is a SinkError naming the output; the parts stay, and the
+    merge succeeds once there is room."""
+    sink = _sink(tmp_path)
+    for row_id in range(4):
+        sink.write(_result(row_id))
+    _full(tmp_path / ".out.parquet.tmp")
+    with pytest.raises(SinkError, match=r"out\.parquet: cannot write the output \(.*No space left on device"):
+        sink.finalize(4)
+    assert not (tmp_path / ".out.parquet.tmp").exists() and list(sink.parts_dir.glob("part-*.parquet"))
+    sink.close()
+    again = _sink(tmp_path)
+    assert again.finalize(4) == 4
+
+
+def test_summary_file_write_is_atomic_and_a_full_disk_is_a_sink_error(tmp_path):
+    """write_file_atomic replaces a file whole; on a full disk it is a SinkError naming the file and the old
+    file is untouched."""
+    from runner.sink import write_file_atomic
+
+    target = tmp_path / "x.summary.json"
+    write_file_atomic(target, "old\n")
+    _full(tmp_path / ".x.summary.json.tmp")
+    with pytest.raises(SinkError, match=r"x\.summary\.json: cannot write \(No space left on device\)"):
+        write_file_atomic(target, "new\n")
+    assert target.read_text() == "old\n" and not (tmp_path / ".x.summary.json.tmp").exists()
+
+
+@pytest.mark.parametrize("where,code,expected", [
+    ("lock", errno.EACCES, "lock: cannot open the lock file (Permission denied)"),
+    ("manifest", errno.ENOSPC, "manifest.json: cannot write (No space left on device)"),
+    ("recover", errno.ENOSPC, "part-000001.parquet: cannot recover the journal of an interrupted run into a part "
+                              "(No space left on device)"),
+    ("read part", errno.EACCES, "part-000001.parquet: cannot read a committed part (Permission denied)"),
+    ("read part", errno.EIO, "part-000001.parquet: cannot read a committed part (Input/output error)"),
+    ("journal", errno.EROFS, "journal-000003.jsonl: cannot write results (Read-only file system)"),
+])
+def test_os_errors_on_a_rerun_are_one_line_sink_errors(tmp_path, monkeypatch, where, code, expected):
+    """A rerun that meets a full disk or a permission error (taking the lock, writing the manifest, recovering
+    the journal into a part, reading a committed part, journaling) stops with a SinkError naming the file,
+    never a traceback; committed rows are not set aside as corrupt."""
+    import runner.sink as sink_module
+
+    if where == "manifest":
+        (tmp_path / "out.parquet.parts").mkdir()  # a first run: no manifest yet
+    else:
+        sink = _sink(tmp_path, part_rows=3)
+        for row_id in range(5):
+            sink.write(_result(row_id))  # rows 0-2 committed as part 1, rows 3-4 in the journal
+        sink._release_lock()  # the first run is killed
+        if where == "recover":
+            (sink.parts_dir / "part-000001.parquet").unlink()
+            (sink.parts_dir / "journal-000002.jsonl").rename(sink.parts_dir / "journal-000001.jsonl")
+        elif where == "read part":
+            (sink.parts_dir / "journal-000002.jsonl").unlink()  # only the committed part is read
+    fault = _os_error(code)
+    if where == "lock":
+        monkeypatch.setattr(sink_module.os, "open", fault)
+    elif where == "manifest":
+        monkeypatch.setattr(sink_module.Path, "write_text", fault)
+    elif where == "recover":
+        monkeypatch.setattr(sink_module.pq, "write_table", fault)
+    elif where == "read part":
+        monkeypatch.setattr(sink_module, "open", fault, raising=False)
+    with pytest.raises(SinkError) as info:
+        again = _sink(tmp_path, part_rows=3)
+        if where == "journal":
+            monkeypatch.setattr(sink_module.Journal, "append", fault)
+            again.write(_result(5))
+    assert expected in info.value.message and "\n" not in info.value.message
+    monkeypatch.undo()
+    assert not list((tmp_path / "out.parquet.parts").glob("*.corrupt"))

@@ -163,3 +163,74 @@ def test_corrupt_parquet(tmp_path):
     spec = _spec(tmp_path, input={"path": "in.parquet"})
     with pytest.raises(SourceError, match="not a readable Parquet file"):
         open_source(spec.input, spec.model)
+
+
+def test_every_numeric_key_has_a_bound_and_flags_share_them():
+    """Every integer or number key of the job file (generation parameters aside) has a range in BOUNDS, and every
+    flag that overrides one is checked against the same entry."""
+    from runner.spec import _INT, _NUM, _SECTIONS, BOUNDS, FLAG_KEYS, MODEL_PARAMS
+
+    numeric = {(section, key) for section, keys in _SECTIONS.items() for key, kind in keys.items()
+               if kind in (_INT, _NUM) and key not in MODEL_PARAMS}
+    assert numeric - set(BOUNDS) == set()
+    assert {("run", key) for key in FLAG_KEYS} <= set(BOUNDS)
+
+
+@pytest.mark.parametrize("key,value", [("concurrency", 10_001), ("rpm", float("nan")), ("max_attempts", 0),
+                                       ("max_error_rate", 1.5), ("limit", -3)])
+def test_file_and_flag_refuse_the_same_values(tmp_path, key, value):
+    """The job file and the flag that overrides a key refuse the same out-of-range value with the same words."""
+    with pytest.raises(SpecError) as from_file:
+        _spec(tmp_path, run={key: value})
+    with pytest.raises(SpecError) as from_flag:
+        _spec(tmp_path).override(**{key: value})
+    expected = from_flag.value.message.split(": ", 1)[1].rsplit(", got", 1)[0]
+    assert expected.startswith("expected") and expected in from_file.value.message
+
+
+@pytest.mark.parametrize("sections,message", [
+    ({"input": {"system_prompt": "be \ud800 brief"}}, r"\[input\] system_prompt: not valid UTF-8 text \(character 3: '\\ud800'\)"),
+    ({"model": {"stop": ["ok", "\udcff"]}}, r"\[model\] stop\[1\]: not valid UTF-8 text"),
+    ({"model": {"extra": {"a": {"b": float("inf")}}}}, r"\[model\] extra\.a\.b: expected a finite number, got inf"),
+    ({"model": {"temperature": float("nan")}}, r"\[model\] temperature: expected a finite number, got nan"),
+])
+def test_job_given_as_a_dict_refuses_unsendable_values(tmp_path, sections, message):
+    """A job built in Python (not read from TOML, which cannot hold them) refuses lone surrogates and nan/inf anywhere."""
+    with pytest.raises(SpecError, match=message):
+        _spec(tmp_path, **sections)
+
+
+def test_flag_text_that_is_not_utf8_is_refused(tmp_path):
+    """A --model or --base-url with an undecodable byte (a lone surrogate once Python decodes argv) is a SpecError."""
+    with pytest.raises(SpecError, match=r"--model: not valid UTF-8 text \(character 4: '\\udcff'\)"):
+        _spec(tmp_path).override(model="qwen\udcff")
+    with pytest.raises(SpecError, match="--base-url: not valid UTF-8 text"):
+        _spec(tmp_path).override(base_url="http://h\udcff/v1")
+
+
+def test_fifo_input_is_refused_without_blocking(tmp_path):
+    """A named pipe as input is a SourceError saying a regular file is expected (opening it would wait for a writer)."""
+    import os
+
+    (tmp_path / "jobs").mkdir()
+    os.mkfifo(tmp_path / "jobs" / "in.jsonl")
+    spec = _spec(tmp_path)
+    with pytest.raises(SourceError, match=r"input is a named pipe \(FIFO\), not a regular file"):
+        open_source(spec.input, spec.model)
+
+
+def test_lines_are_read_in_pieces_and_a_bom_is_dropped(tmp_path, monkeypatch):
+    """A line longer than MAX_LINE_BYTES is one bad row (counted in the total) and the next line is read normally;
+    a byte order mark before the first line is ignored."""
+    import runner.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 64)
+    source, reqs = _requests(tmp_path, "in.jsonl", ['\ufeff{"prompt": "first"}', {"prompt": "x" * 200},
+                                                    {"prompt": "after"}])
+    assert source.total == 3
+    assert reqs[0].problem is None and reqs[0].messages[-1]["content"] == "first"
+    assert "line 2: longer than 64 bytes" in reqs[1].problem
+    assert reqs[2].problem is None and reqs[2].messages[-1]["content"] == "after"
+    exactly = '{"prompt": "' + "y" * 50 + '"}'  # 64 bytes before its newline: the longest line allowed
+    _, reqs = _requests(tmp_path, "in.jsonl", [exactly, exactly[:-2] + 'y"}'])
+    assert len(exactly) == 64 and reqs[0].problem is None and "longer than 64 bytes" in reqs[1].problem
