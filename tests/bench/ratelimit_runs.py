@@ -157,6 +157,7 @@ def convergence(series: list[int], change: int, end: int, target: float, toleran
                 span: int = 3) -> int | None:
     """Seconds after `change` until the mean over `span` seconds is within `tolerance` of `target` (and
     stays so to `end`); None if it never settles."""
+    end = min(end, len(series))
     for k in range(0, end - change - span + 1):
         if all(abs(window_rate(series, change + j, change + j + span) / target - 1) <= tolerance
                for j in range(k, end - change - span + 1)):
