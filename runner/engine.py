@@ -31,7 +31,8 @@ from .cost import CostBudget, NoPrice, PriceBook
 from .ratelimit import Limits, LocalRateLimiter, RetryBudget, Sent, limits_table
 from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, result_schema, unsent_result
 from .report import RunSummary, summarize_file
-from .sink import DoneRows, ParquetSink, write_file_atomic
+from .files import write_file_atomic
+from .sink import DoneRows, ParquetSink
 from .sources import RequestSource, open_source
 from .spec import JobSpec
 from .tokens import estimate_prompt_tokens, output_reserve

@@ -10,8 +10,8 @@ in, the parts are merged in input order into `<output>` (temporary name + rename
 One run at a time: a lock on the parts folder refuses a second writer.
 
 Every OS error (a full disk, a read-only folder, permissions) is translated where it happens into a
-one-line SinkError naming the path and the reason, on a first run, a rerun, a recovery from the
-journal and the final merge alike; `write_file_atomic` does the same for the files beside the output.
+one-line SinkError naming the path and the reason (runner/files.py), on a first run, a rerun, a
+recovery from the journal and the final merge alike.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ import os
 import shutil
 import time
 from array import array
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import SinkError
+from .files import os_errors, os_hint, os_reason, remove_quietly, sink_error, write_file_atomic
 from .journal import Journal, replay
 from .records import REQUEST_HASH_FIELD, Result, results_to_table
 
@@ -120,55 +120,9 @@ def _write_atomic(table: pa.Table, target: Path) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
-        _remove_quietly(tmp)  # a half-written file only takes space a full disk does not have
+        remove_quietly(tmp)  # a half-written file only takes space a full disk does not have
         raise
     _fsync_dir(target.parent)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def os_reason(exc: OSError) -> str:
-    """The OS's words for an error, on one line ("No space left on device")."""
-    return " ".join(str(exc.strerror or exc).split())
-
-
-def _hint(exc: OSError) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free disk space, then run the same command again: it resumes from the rows committed so far"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "make the output folder writable (or choose another --output), then run the same command again"
-    return "fix the cause, then run the same command again: it resumes from the rows committed so far"
-
-
-def sink_error(path: Path, action: str, exc: OSError) -> SinkError:
-    """A SinkError for an OS error: the file it happened on, what was being done, and the OS's reason."""
-    return SinkError(f"{exc.filename or path}: {action} ({os_reason(exc)})", hint=_hint(exc))
-
-
-@contextmanager
-def os_errors(path: Path, action: str) -> Iterator[None]:
-    """Turn an OSError inside the block into a SinkError (see sink_error)."""
-    try:
-        yield
-    except OSError as exc:
-        raise sink_error(path, action, exc) from exc
-
-
-def write_file_atomic(path: Path, text: str) -> None:
-    """Write a text file beside the output (the summary) whole or not at all; OS errors are SinkErrors."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    with os_errors(path, "cannot write"):
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
 
 
 class ParquetSink:
@@ -261,7 +215,7 @@ class ParquetSink:
                 try:
                     shutil.copyfile(self.output, first)
                 except BaseException:
-                    _remove_quietly(first)
+                    remove_quietly(first)
                     raise
         self.reopened = True
 
@@ -446,7 +400,7 @@ class ParquetSink:
 
     def _disk_error(self, path: Path, exc: OSError) -> SinkError:
         return SinkError(f"{path}: cannot write results ({os_reason(exc)}); rows committed before this are kept",
-                         hint=_hint(exc))
+                         hint=os_hint(exc))
 
     # -- finishing ---------------------------------------------------------------------------
     def finalize(self, expected_rows: int) -> int:
@@ -477,9 +431,9 @@ class ParquetSink:
             _fsync_dir(self.output.parent)
         except OSError as exc:
             raise SinkError(f"{exc.filename or self.output}: cannot write the output ({os_reason(exc)}); parts kept "
-                            f"in {self.parts_dir}", hint=_hint(exc)) from exc
+                            f"in {self.parts_dir}", hint=os_hint(exc)) from exc
         finally:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
         self._release_lock()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return written

@@ -5,7 +5,8 @@ readable, named columns exist) and raises SourceError (exit 2). After that, a ba
 it becomes a Request with `problem` set, naming the line or row and the column, and the engine
 writes it as an error row. Bad rows include text that cannot be sent (lone surrogates, which a
 valid JSON escape such as "\\ud800" produces, or invalid UTF-8 in a Parquet file), JSON lines nested
-deeper than MAX_NESTING and lines longer than MAX_LINE_BYTES (skipped without being read whole).
+deeper than MAX_NESTING (both checked in runner/rowcheck.py) and lines longer than MAX_LINE_BYTES
+(skipped without being read whole).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import gzip
 import io
 import json
 import os
-import re
 import stat
 import zlib
 from pathlib import Path
@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from .errors import SourceError
 from .records import Request
+from .rowcheck import MAX_NESTING, TOO_DEEP, UNDECODABLE, nested_problem, scrubbed, unencodable, value_problem
 from .spec import InputSpec, ModelSpec
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".gz": "jsonl.gz", ".parquet": "parquet"}
@@ -36,10 +37,6 @@ PARQUET_BATCH_ROWS = 2048
 # take gigabytes of memory). The largest real requests are about 1M tokens of text (a few MB) and a
 # Batch API line may be at most 6 MB; 32 MB leaves room for base64 images in a messages column.
 MAX_LINE_BYTES = 32 * 1024 * 1024
-# A row nested deeper than this is a bad row. Real rows (messages with content parts, parameters) are
-# a few levels deep; Python's JSON parser and encoders recurse, and about 1,000 levels crash them.
-MAX_NESTING = 200
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def input_format(path: Path) -> str:
@@ -208,7 +205,7 @@ def _parse_line(line: bytes) -> Any:
 
     Decoding first (strict UTF-8) is faster than json.loads on bytes (no encoding detection, no
     surrogatepass: a fifth fewer instructions a line) and refuses encoded surrogates, so after it only
-    a \\uD... escape can make a lone surrogate; `_value_problem` looks for those in the columns used."""
+    a \\uD... escape can make a lone surrogate; `value_problem` looks for those in the columns used."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -223,77 +220,10 @@ def _parse_line(line: bytes) -> Any:
         return _Problem(f"invalid JSON ({_json_reason(exc)})")
 
 
-def _value_problem(values: Mapping[str, Any], columns: tuple[str, ...]) -> tuple[str, bool] | None:
-    """The first problem among the values of `columns`, and whether the row can still be stored once its
-    bad code points are replaced (True: a text problem) or not (False: nesting too deep to handle).
-
-    Cheap for the usual row: an ASCII string is known to be ASCII in constant time (CPython records it)
-    and a lone surrogate is never ASCII; other strings are encoded once, lists and objects walked once."""
-    for name in columns:
-        value = values.get(name)
-        cls = value.__class__
-        if cls is str:
-            if value.isascii():
-                continue
-            bad = _unencodable(value)
-        elif cls is list or cls is dict:
-            bad = _nested_problem(value)
-            if bad is _TOO_DEEP:
-                return f"column {name!r}: nested deeper than {MAX_NESTING} levels", False
-        elif value is _UNDECODABLE:
-            return f"column {name!r}: not valid UTF-8 text (inside a nested value); it cannot be sent", True
-        else:
-            continue
-        if bad is not None:
-            return (f"column {name!r}: not valid UTF-8 text: {bad} is a lone surrogate (or an invalid byte "
-                    "in the file) and cannot be sent"), True
-    return None
-
-
-_TOO_DEEP = "nested too deep"
-
-
-def _unencodable(text: str) -> str | None:
-    """None for text that can be encoded as UTF-8, else its first bad code point, escaped."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return ascii(text[exc.start])
-    return None
-
-
-def _nested_problem(value: list | dict) -> str | None:
-    """_TOO_DEEP when lists and objects nest more than MAX_NESTING levels (the value itself is one), else the
-    first code point of its strings (keys too) that cannot be encoded as UTF-8, escaped, else None.
-    Iterative: the value may be deeper than Python's recursion limit allows."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_NESTING:
-            return _TOO_DEEP
-        if item.__class__ is dict:
-            for key in item:
-                if not key.isascii() and _unencodable(key) is not None:
-                    return _unencodable(key)
-            children = item.values()
-        else:
-            children = item
-        for child in children:
-            cls = child.__class__
-            if cls is str:
-                if not child.isascii():
-                    bad = _unencodable(child)
-                    if bad is not None:
-                        return bad
-            elif cls is list or cls is dict:
-                stack.append((child, depth + 1))
-    return None
-
-
 def _rows_with_bad_text(batch: pa.RecordBatch) -> list[dict]:
     """The rows of a Parquet batch with invalid UTF-8 in a string column: the bad text comes back with its
     bad bytes as lone surrogates (the row check then refuses the row and stores U+FFFD); a value with bad
-    text nested in a list or struct comes back as _UNDECODABLE (stored as null)."""
+    text nested in a list or struct comes back as UNDECODABLE (stored as null)."""
     columns = {}
     for name, column in zip(batch.schema.names, batch.columns):
         try:
@@ -308,23 +238,13 @@ def _rows_with_bad_text(batch: pa.RecordBatch) -> list[dict]:
             except UnicodeDecodeError:
                 text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
                 cells.append(scalar.as_buffer().to_pybytes().decode("utf-8", "surrogateescape") if text
-                             else _UNDECODABLE)
+                             else UNDECODABLE)
         columns[name] = cells
     return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
 class _Problem(str):
     """A row that could not even be parsed: the string says why."""
-
-
-class _Undecodable:
-    """A Parquet value (a list or struct) with invalid UTF-8 text inside."""
-
-    def __repr__(self) -> str:
-        return "<undecodable>"
-
-
-_UNDECODABLE = _Undecodable()
 
 
 def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, model: ModelSpec,
@@ -346,7 +266,7 @@ def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, mode
     if not isinstance(values, dict):
         return bad(_not_an_object(values))
 
-    found = _value_problem(values, spec.needed_columns() if check_columns is None else check_columns)
+    found = value_problem(values, spec.needed_columns() if check_columns is None else check_columns)
     text_problem = None
     if found is not None:
         text_problem, storable = found
@@ -354,7 +274,7 @@ def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, mode
             return bad(text_problem)
         # The error row stores U+FFFD for each bad code point (Parquet and the journal need valid text);
         # the same row gives the same key and digest on every run, so a rerun skips it.
-        values = _scrubbed(values)
+        values = scrubbed(values)
     kept = {name: _kept_value(values.get(name), keep_as_text) for name in spec.keep_columns}
     if spec.id_column:
         raw_key = values.get(spec.id_column)
@@ -423,10 +343,10 @@ def _json_in_column(text: str, column: str) -> tuple[Any, str | None]:
     except ValueError as exc:
         return None, f"column {column!r}: invalid JSON ({_json_reason(exc)})"
     if value.__class__ is str:
-        bad = None if value.isascii() else _unencodable(value)
+        bad = None if value.isascii() else unencodable(value)
     else:
-        bad = _nested_problem(value) if value.__class__ in (list, dict) else None
-    if bad is _TOO_DEEP:
+        bad = nested_problem(value) if value.__class__ in (list, dict) else None
+    if bad is TOO_DEEP:
         return None, f"column {column!r}: nested deeper than {MAX_NESTING} levels"
     if bad is not None:
         return None, f"column {column!r}: not valid UTF-8 text: {bad} is a lone surrogate and cannot be sent"
@@ -460,19 +380,6 @@ def _not_an_object(values: Any) -> str:
     if isinstance(values, list):
         return "expected a JSON object, got a list (JSON Lines has one object per line, not an array)"
     return f"expected a JSON object, got {type(values).__name__}"
-
-
-def _scrubbed(value: Any) -> Any:
-    """`value` with U+FFFD in place of every lone surrogate, in nested lists and objects too."""
-    if value is _UNDECODABLE:
-        return None
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrubbed(v) for v in value]
-    return value
 
 
 def _kept_value(value: Any, as_text: bool) -> Any:

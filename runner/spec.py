@@ -169,8 +169,7 @@ def _check_override(name: str, value: Any) -> None:
     """A flag's value gets the checks of the job-file key it overrides (the same bounds table)."""
     where = f"--{name.replace('_', '-')}"
     if name in FLAG_KEYS:
-        integer = isinstance(value, int) and not isinstance(value, bool)
-        problem = BOUNDS[("run", name)].problem(value, integer=integer)
+        problem = BOUNDS[("run", name)].problem(value, integer=_SECTIONS["run"][name] == _INT)
         if problem:
             raise SpecError(f"{where}: {problem}, got {value}")
     if name == "mode" and value not in MODES:

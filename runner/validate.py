@@ -17,7 +17,7 @@ from .errors import SpecError
 from .tokens import estimate_prompt_tokens, output_reserve
 from .endpoints import chat_url
 from .batch.render import MAX_LINE_BYTES, batch_group, encode_line, fits_in_file
-from .sink import os_errors
+from .files import os_errors
 from .sources import open_source
 from .spec import JobSpec
 

@@ -26,7 +26,8 @@ from click.testing import CliRunner, Result
 
 from runner.cli import main
 from runner.emulator import Emulator, EmulatorConfig
-from runner.sources import MAX_LINE_BYTES, MAX_NESTING
+from runner.rowcheck import MAX_NESTING
+from runner.sources import MAX_LINE_BYTES
 from tests.helpers import ROOT, TEST_KEY, make_job, read_output, run_cli, to_toml, write_prompts
 
 NOWHERE = {"base_url": "http://127.0.0.1:9/compatible-mode/v1"}  # nothing listens: nothing may be sent

@@ -310,7 +310,7 @@ def test_full_disk_on_the_final_merge_keeps_the_parts(tmp_path):
 def test_summary_file_write_is_atomic_and_a_full_disk_is_a_sink_error(tmp_path):
     """write_file_atomic replaces a file whole; on a full disk it is a SinkError naming the file and the old
     file is untouched."""
-    from runner.sink import write_file_atomic
+    from runner.files import write_file_atomic
 
     target = tmp_path / "x.summary.json"
     write_file_atomic(target, "old\n")
