@@ -295,7 +295,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
 
     def positive(section: str, key: str, default: Any, *, allow_zero: bool = False) -> Any:
         value = get(section, key, default)
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        if value is not None and (value != value or value < 0 or (value == 0 and not allow_zero)):  # nan != nan
             _raise(fail(section, key, f"expected a value {'>= 0' if allow_zero else '> 0'}, got {value}"))
         return value
 
