@@ -19,7 +19,7 @@ from runner.batch.state import BatchRecord, BatchState
 from runner.cost import PriceBook
 from runner.endpoints import ApiKey, batch_base_url
 from runner.engine import run_job
-from runner.errors import PermanentCallError, SpecError, TransientCallError
+from runner.errors import BadResponse, PermanentCallError, SpecError, TransientCallError
 from runner.records import Completion, Request
 from runner.sink import DoneRows
 from runner.spec import EndpointSpec, RunSpec, load_job, parse_job
@@ -175,7 +175,7 @@ def test_answer_lines_are_parsed_and_classified_as_online():
     auth = parse_line(error_line("4-e", 401, "invalid_api_key"))
     assert isinstance(auth, PermanentCallError)
     broken = parse_line({"custom_id": "5-f", "response": {"status_code": 200, "body": {"choices": []}}})
-    assert isinstance(broken, PermanentCallError) and broken.code == "bad_response"
+    assert isinstance(broken, BadResponse) and broken.code == "bad_response"
 
 
 def test_join_gives_every_row_one_result(tmp_path):
