@@ -63,7 +63,7 @@ class EndpointSpec:
     timeout: float = 300.0
     connect_timeout: float = 10.0
     stream_idle_timeout: float = 60.0
-    read_timeout: float = 60.0
+    read_timeout: float = 30.0
     transport: str = "aiohttp"
 
 
@@ -350,7 +350,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         timeout=float(positive("endpoint", "timeout", 300.0)),
         connect_timeout=float(positive("endpoint", "connect_timeout", 10.0)),
         stream_idle_timeout=float(positive("endpoint", "stream_idle_timeout", 60.0)),
-        read_timeout=float(positive("endpoint", "read_timeout", 60.0)),
+        read_timeout=float(positive("endpoint", "read_timeout", 30.0)),
         transport=transport,
     )
 

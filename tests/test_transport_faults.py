@@ -377,14 +377,14 @@ def test_a_run_through_alternating_faults_finishes_with_every_row_once(tmp_path:
 @pytest.mark.parametrize("value, error", [(2.5, None), (0, "read_timeout"), (-1, "read_timeout"),
                                           ("nan", "read_timeout"), ("'x'", "read_timeout")])
 def test_read_timeout_is_a_positive_number(tmp_path: Path, value, error) -> None:
-    """[endpoint] read_timeout takes a number of seconds > 0 (default 60); anything else is a SpecError naming it."""
+    """[endpoint] read_timeout takes a number of seconds > 0 (default 30); anything else is a SpecError naming it."""
     job = tmp_path / "job.toml"
     job.write_text(f'[input]\npath = "p.jsonl"\nprompt_column = "prompt"\n[endpoint]\nread_timeout = {value}\n'
                    '[model]\nname = "qwen-plus"\n[output]\npath = "out.parquet"\n', encoding="utf-8")
     if error is None:
         assert load_job(job).endpoint.read_timeout == 2.5
         job.write_text(job.read_text().replace("read_timeout = 2.5\n", ""), encoding="utf-8")
-        assert load_job(job).endpoint.read_timeout == 60.0
+        assert load_job(job).endpoint.read_timeout == 30.0
     else:
         with pytest.raises(SpecError, match=error):
             load_job(job)
