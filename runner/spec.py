@@ -75,7 +75,7 @@ class EndpointSpec:
     timeout: float = 300.0
     connect_timeout: float = 10.0
     stream_idle_timeout: float = 60.0
-    read_timeout: float = 60.0
+    read_timeout: float = 30.0
     transport: str = "aiohttp"
 
 
@@ -481,7 +481,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         timeout=float(get("endpoint", "timeout", 300.0)),
         connect_timeout=float(get("endpoint", "connect_timeout", 10.0)),
         stream_idle_timeout=float(get("endpoint", "stream_idle_timeout", 60.0)),
-        read_timeout=float(get("endpoint", "read_timeout", 60.0)),
+        read_timeout=float(get("endpoint", "read_timeout", 30.0)),
         transport=transport,
     )
 

@@ -9,7 +9,6 @@ run goes through run_job against a server that answers every row's first attempt
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import socket
 import struct
@@ -216,9 +215,9 @@ class FaultServer:
             return
 
 
-def endpoint(url: str, transport: str, **timeouts: float) -> EndpointSpec:
-    return EndpointSpec(dialect="openai", base_url=url, transport=transport,
-                        **{"timeout": 10.0, "read_timeout": 0.3, "stream_idle_timeout": 0.3, **timeouts})
+def endpoint(url: str, transport: str, *, idle: float = 10.0) -> EndpointSpec:
+    return EndpointSpec(dialect="openai", base_url=url, transport=transport, timeout=20.0, read_timeout=idle,
+                        stream_idle_timeout=idle)
 
 
 REQUEST = Request(row_id=0, key="row-1", model="qwen-plus", messages=({"role": "user", "content": "hi"},), params={})
@@ -228,8 +227,10 @@ async def attempt(server: FaultServer, fault: str, transport: str, *, stream: bo
                   request: Request = REQUEST):
     """One ChatClient attempt at `fault`; the Completion, or the CallError it raised."""
     policy = StreamPolicy("always" if stream else "never")
-    async with ChatClient(endpoint(server.base_url(fault), transport), ApiKey(key), max_connections=2,
-                          streaming=policy) as client:
+    # Short idle deadlines only where the server falls silent on purpose: elsewhere a loaded machine must not
+    # turn a good answer into a timeout.
+    spec = endpoint(server.base_url(fault), transport, idle=0.3 if "silent" in fault else 10.0)
+    async with ChatClient(spec, ApiKey(key), max_connections=2, streaming=policy) as client:
         try:
             return await client.complete(request)
         except CallError as error:
@@ -372,3 +373,19 @@ def test_a_run_through_alternating_faults_finishes_with_every_row_once(tmp_path:
         if number % 2 == 0:  # met its fault, then a good answer (a pooled connection the server had closed
             assert r["attempts"] >= 2 and attempts[r["key"]] >= 2  # after a fault may cost one more attempt)
     assert TEST_KEY not in (tmp_path / "out" / "result.parquet").read_bytes().decode("latin-1")
+
+
+@pytest.mark.parametrize("value, error", [(2.5, None), (0, "read_timeout"), (-1, "read_timeout"),
+                                          ("nan", "read_timeout"), ("'x'", "read_timeout")])
+def test_read_timeout_is_a_positive_number(tmp_path: Path, value, error) -> None:
+    """[endpoint] read_timeout takes a number of seconds > 0 (default 30); anything else is a SpecError naming it."""
+    job = tmp_path / "job.toml"
+    job.write_text(f'[input]\npath = "p.jsonl"\nprompt_column = "prompt"\n[endpoint]\nread_timeout = {value}\n'
+                   '[model]\nname = "qwen-plus"\n[output]\npath = "out.parquet"\n', encoding="utf-8")
+    if error is None:
+        assert load_job(job).endpoint.read_timeout == 2.5
+        job.write_text(job.read_text().replace("read_timeout = 2.5\n", ""), encoding="utf-8")
+        assert load_job(job).endpoint.read_timeout == 30.0
+    else:
+        with pytest.raises(SpecError, match=error):
+            load_job(job)

@@ -2,7 +2,8 @@
 
 Each dialect module is a set of pure functions (build_payload, parse_success, error_fields,
 CODE_TABLE); `ChatClient` is the one async class that sends a request with httpx and hands the
-answer to its dialect. Only this package sees httpx exceptions and status codes.
+answer to its dialect. Only this package sees httpx (and aiohttp) exceptions and status codes:
+transport_errors.py turns them into CallErrors, so a damaged answer is a row, never a crash.
 """
 
 from __future__ import annotations
