@@ -56,7 +56,6 @@ class EmulatorState:
         self, config: EmulatorConfig, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config
-        self.clock = clock
         self.stats = Stats(clock, keep_log=config.request_log)
         self.sleeper = Sleeper()
         self.api_keys = frozenset(config.api_keys) if config.api_keys is not None else None

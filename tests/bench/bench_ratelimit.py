@@ -242,21 +242,26 @@ def hard(bench: Bench) -> None:
             overall = rr.window_rate(admitted, 0, end)
             warm = rr.window_rate(admitted, 15, end)
             share_429 = rr.rejected_share(snap)
+            # After the warm-up too: a short run weighs the one-time discovery of the limit more.
+            warm_arrived = rr.window_rate(snap["series"]["arrived"], 15, end)
+            warm_429 = rr.ratio(rr.window_rate(snap["series"]["rejected"], 15, end), warm_arrived)
             figures[contender] = (warm, share_429)
             bench.record("hard", {"contender": contender, **result, "requests": snap["requests"],
                                   "rejected": snap["rejected"], "share_of_limit": round((overall or 0) / limit, 3),
                                   "share_after_15s": warm and round(warm / limit, 3),
-                                  "share_429": share_429 and round(share_429, 4)},
+                                  "share_429": share_429 and round(share_429, 4),
+                                  "share_429_after_15s": warm_429 and round(warm_429, 4)},
                          f"{limit:.0f}/s (TPM binds)",
                          f"{rr.fmt(overall and 100 * overall / limit, '.1f')}% of the limit, "
                          f"{rr.fmt(warm and 100 * warm / limit, '.1f')}% after 15 s, "
-                         f"429s {rr.fmt(share_429 and 100 * share_429, '.2f')}%")
+                         f"429s {rr.fmt(share_429 and 100 * share_429, '.2f')}% "
+                         f"({rr.fmt(warm_429 and 100 * warm_429, '.2f')}% after 15 s)")
     finally:
         stop_emulator(emulator)
     warm, share_429 = figures["default"]
     bench.target("hard", "default: accepted rate after 15 s as a share of the limit >= 95%",
                  warm and f"{warm / limit:.1%} ({warm:.1f} of {limit:.1f}/s)", None if warm is None else warm / limit >= 0.95)
-    bench.target("hard", "default: 429s per request < 1%", share_429 is not None and f"{share_429:.2%}",
+    bench.target("hard", "default: 429s per request over the run < 1%", share_429 is not None and f"{share_429:.2%}",
                  None if share_429 is None else share_429 < 0.01)
 
 
