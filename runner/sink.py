@@ -43,7 +43,8 @@ LOCK = "lock"
 MERGE_WINDOW_ROWS = 16_384
 RETRY_FAILED = ("transient", "all", "none")
 # Error classes that `retry_failed = "transient"` (the default) sends again on a rerun.
-TRANSIENT_ERRORS = frozenset({"TransientCallError", "Throttled"})
+# Failures a rerun sends again by default: a damaged answer (BadResponse) is retried like a reset.
+TRANSIENT_ERRORS = frozenset({"TransientCallError", "Throttled", "BadResponse"})
 
 
 ANY_DIGEST = 2  # a row answered for a request we no longer know (a reopened output): any request matches

@@ -81,21 +81,25 @@ def test_merge_refuses_missing_rows(tmp_path):
 
 
 def test_resume_skips_done_rows_and_retries_transient_failures(tmp_path):
-    """A reopened sink knows successes and permanent failures as done; throttled/transient rows are redone."""
+    """A reopened sink knows successes and permanent failures as done; throttled/transient rows, and answers
+    damaged on the way (BadResponse), are redone."""
     sink = _sink(tmp_path)
     sink.write(_result(0))
     sink.write(_result(1, "error", "PermanentCallError"))
     sink.write(_result(2, "error", "Throttled"))
     sink.write(_result(3, "error", "TransientCallError"))
+    sink.write(_result(4, "error", "BadResponse"))
     sink.close()
     again = _sink(tmp_path)
     assert 0 in again.done and 1 in again.done and 2 not in again.done and 3 not in again.done
+    assert 4 not in again.done
     again.write(_result(2, response="second try"))
     again.write(_result(3, response="second try"))
-    again.finalize(4)
+    again.write(_result(4, response="second try"))
+    again.finalize(5)
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    assert [r["row_id"] for r in rows] == [0, 1, 2, 3]
-    assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok"]
+    assert [r["row_id"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok", "ok"]
     assert rows[2]["response"] == "second try"
 
 
