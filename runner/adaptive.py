@@ -114,7 +114,9 @@ class AdaptiveRate:
         self._next_ticket = 0
         self._allowance = 1.0
         self._advanced_at = now
-        self._space: anyio.Event | None = None  # set when a startup slot frees; made on first use
+        # Startup waiters, first come first served; each answer wakes only as many as it freed slots
+        # (waking all of them for every answer cost O(concurrency) per answer at 1,024 in flight).
+        self._room_waiters: deque[anyio.Event] = deque()
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -124,9 +126,15 @@ class AdaptiveRate:
     async def wait_for_room(self) -> None:
         """In startup, wait until fewer than `window` requests are in flight."""
         while not self.has_room():
-            if self._space is None or self._space.is_set():
-                self._space = anyio.Event()
-            await self._space.wait()
+            event = anyio.Event()
+            self._room_waiters.append(event)
+            await event.wait()
+
+    def _wake(self, everyone: bool = False) -> None:
+        free = len(self._room_waiters) if everyone or not self.startup else int(self.window) - self.in_flight
+        while free > 0 and self._room_waiters:
+            self._room_waiters.popleft().set()
+            free -= 1
 
     def take_ticket(self) -> int:
         ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
@@ -206,8 +214,7 @@ class AdaptiveRate:
         if self.startup:
             if accepted:
                 self.window += self.startup_gain
-            if self._space is not None:
-                self._space.set()
+            self._wake()
         if accepted:
             self._accepted.append(now)
             _trim(self._accepted, now)
@@ -322,8 +329,7 @@ class AdaptiveRate:
         target = accepted / (1 - self.background) if self.background < 1 else accepted
         new_rate = max(self.floor, current * 0.5, min(current * factor, target))
         self.startup = False
-        if self._space is not None:
-            self._space.set()  # startup waiters go on to the pacer
+        self._wake(everyone=True)  # startup waiters go on to the pacer
         self._set_rate(new_rate)
         # The plateau is what the endpoint accepted (not the rate that overshot it), and never more than
         # a tenth above the new rate (a cut from a startup flood must not climb straight back to it).

@@ -19,7 +19,9 @@ Scenarios (default: all; --quick: smaller sizes, about 5 minutes in all; full: a
   shared      two runner processes (two keys) on one RPM 6,000 limit at once: combined accepted
               rate >= 90% of the limit, each >= 35%, 429s < 2%; against each configured with half.
   faulty      10% each of 429 (Retry-After 1 s), 500 and 503, 5,000 rows, concurrency 128: the default
-              finishes in one run (exit 0), wall time within 1.5x of adaptive_rate=false.
+              finishes in one run (not stopped: every row written, ok or failed after max_attempts;
+              exit 0, or 3 when rows ran out of attempts, as the reference's do at 30% faults over 6
+              attempts), wall time within 1.5x of adaptive_rate=false.
 
 Every figure is measured at the emulator (GET /_emulator/stats: per-second series of accepted and
 rejected requests, per client); "accepted" means let through by the emulator's rate limits. Each
@@ -388,10 +390,13 @@ def faulty(bench: Bench) -> None:
     finally:
         stop_emulator(emulator)
     off, default = measured["adaptive off"], measured["default"]
-    bench.target("faulty", "default finishes in one run (exit 0)",
+    written = default.get("rows", 0)  # the output's rows: ok, or failed after max_attempts
+    bench.target("faulty", "default finishes in one run (not stopped, every row written)",
                  f"exit {default['rc']}" + (", stopped at the cap" if default["interrupted"] else
-                                            f", {default.get('errors', '?')} failed rows"),
-                 default["rc"] == 0 and not default["interrupted"])
+                                            f", {written:,} of {rows:,} rows written, "
+                                            f"{default.get('errors', '?')} failed after max_attempts "
+                                            f"(reference: {off.get('errors', '?')})"),
+                 default["rc"] in (0, 3) and not default["interrupted"] and written == rows)
     r = rr.ratio(default["wall_s"], off["wall_s"])
     stopped = " (stopped at the cap: at least that)" if default["interrupted"] else ""
     bench.target("faulty", "default wall time <= 1.5x adaptive off",
