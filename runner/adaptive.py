@@ -74,8 +74,8 @@ class _PendingTest:
 class AdaptiveRate:
     """One model's discovered rate. Not thread-safe; one event loop."""
 
-    def __init__(self, clock: Clock, *, start_window: float = 64, startup_gain: float = 3.0,
-                 cubic: float = 0.0016,
+    def __init__(self, clock: Clock, *, start_window: float = 32, startup_gain: float = 3.0,
+                 cubic: float = 0.0008, headroom: float = 0.95,
                  decrease: float = 0.9, burst_decrease: float = 0.7, floor: float = 0.2,
                  ceiling: float = 100_000.0, recheck: float = 0.1, adjust: bool = True) -> None:
         self._clock = clock
@@ -85,6 +85,7 @@ class AdaptiveRate:
         self.startup_gain = startup_gain
         self.rate: float | None = None
         self.cubic = cubic
+        self.headroom = headroom  # the cut lands this fraction of what the endpoint accepted
         self.decrease = decrease
         self.burst_decrease = burst_decrease
         self.floor = floor
@@ -211,9 +212,12 @@ class AdaptiveRate:
         now = self._clock()
         if self.in_flight > 0:
             self.in_flight -= 1
+        rate_signal = throttled and code not in CAPACITY_CODES
         if self.startup:
             if accepted:
                 self.window += self.startup_gain
+            elif rate_signal:  # a throttled answer gives back its slot, not a new one: a flood shrinks itself
+                self.window = max(8.0, self.window - 1)
             self._wake()
         if accepted:
             self._accepted.append(now)
@@ -231,6 +235,11 @@ class AdaptiveRate:
             if throttled:
                 window.throttled += 1
                 window.burst = window.burst or code in BURST_CODES
+            if self.startup and window.throttled >= 2 * STARTUP_EXIT_SHARE * max(window.sent, 32):
+                self._windows.remove(window)  # already excess, whatever its other answers: act now
+                if self._judge(now, window):
+                    self._windows = deque([_Window(now, first=self._seq)])
+                    return True
         return self._evaluate(now)
 
     def _window_of(self, seq: int) -> _Window | None:
@@ -326,7 +335,7 @@ class AdaptiveRate:
             return
         factor = self.burst_decrease if window.burst else self.decrease
         current = self.rate if self.rate is not None else float(len(self._sent))
-        target = accepted / (1 - self.background) if self.background < 1 else accepted
+        target = self.headroom * (accepted / (1 - self.background) if self.background < 1 else accepted)
         new_rate = max(self.floor, current * 0.5, min(current * factor, target))
         self.startup = False
         self._wake(everyone=True)  # startup waiters go on to the pacer
