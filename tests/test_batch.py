@@ -18,7 +18,7 @@ from runner.batch.render import RowSet, covered_rows, custom_id, plan_batches
 from runner.batch.state import BatchRecord, BatchState
 from runner.cost import PriceBook
 from runner.endpoints import ApiKey, batch_base_url
-from runner.engine import run_job
+from runner.job import run_job
 from runner.errors import BadResponse, PermanentCallError, SpecError, TransientCallError
 from runner.records import Completion, Request
 from runner.sink import DoneRows
@@ -239,8 +239,8 @@ def test_a_create_cut_off_mid_call_is_found_not_sent_again(tmp_path, make_emulat
     key = ApiKey("sk-test")
 
     async def first_run_that_dies() -> None:
-        from runner.batch.driver import batch_metadata
-        from runner.engine import job_fingerprint
+        from runner.executors.batch import batch_metadata
+        from runner.job import job_fingerprint
         from runner.records import result_schema
         from runner.sink import ParquetSink
         from runner.sources import open_source
