@@ -365,3 +365,16 @@ def test_a_batch_the_api_refuses_records_its_rows_as_failed(tmp_path, make_emula
         ("error", "PermanentCallError", "batch_rejected")}
     assert "not supported by the Batch API" in rows[0]["error_message"]
     assert emu.stats(keys=False)["batches"]["created"] == 0
+
+
+def test_a_refused_key_in_batch_mode_is_an_error_line_not_a_traceback(tmp_path):
+    """A run-level error inside the Batch API polling (a 401 on upload) reaches the CLI as error/hint, exit 1."""
+    from runner.emulator import Emulator, EmulatorConfig
+
+    with Emulator(EmulatorConfig(api_keys=("sk-the-right-key-000000",))) as emu:
+        write_prompts(tmp_path / "prompts.jsonl", 5)
+        job = make_job(tmp_path, emu, run={"mode": "batch"})
+        result = run_cli("run", str(job), "--quiet")
+    assert result.code == 1, result.stderr
+    assert "error: the endpoint refused the credentials" in result.stderr and "hint: " in result.stderr
+    assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr

@@ -148,8 +148,12 @@ class Stop:
         """A wait before sending (the limiter, the budget, a backoff) that ends in Stopping once the run stops."""
         if self.requested:
             raise Stopping
-        with self.cancelled_on_request() as scope:
-            yield
+        with anyio.CancelScope() as scope:  # cancelled_on_request, inlined: this is on every request's path
+            self._waits.add(scope)
+            try:
+                yield
+            finally:
+                self._waits.discard(scope)
         if scope.cancel_called:
             raise Stopping
 
