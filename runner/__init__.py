@@ -13,11 +13,11 @@ from .errors import (AuthError, BadResponse, CallError, EndpointNotFound, Interr
                      TransientCallError)
 
 if TYPE_CHECKING:
-    from .engine import run_job
+    from .job import run_job
     from .report import RunSummary, summarize_file
     from .spec import JobSpec, load_job
 
-_LAZY = {"run_job": "engine", "load_job": "spec", "JobSpec": "spec", "RunSummary": "report",
+_LAZY = {"run_job": "job", "load_job": "spec", "JobSpec": "spec", "RunSummary": "report",
          "summarize_file": "report"}
 
 

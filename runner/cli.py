@@ -1,6 +1,6 @@
 """The `runner` command: parses flags, applies them to the job, calls the library, owns progress and exit codes.
 
-Heavy modules (pyarrow, httpx, the engine) are imported inside the commands so `runner --help` is fast.
+Heavy modules (pyarrow, httpx, the job and its executors) are imported inside the commands so `runner --help` is fast.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
 
     import anyio
 
-    from .engine import run_job
+    from .job import run_job
 
     spec = _load(job, **overrides)
     if dry_run:
@@ -195,7 +195,7 @@ def status(job: str, output: str | None, base_url: str | None, offline: bool, as
     """Show each batch of JOB (batch mode): its state and request counts, fresh from the server. Never waits."""
     import json
 
-    from .batch.driver import describe_batches, load_state
+    from .batch.pending import describe_batches, load_state
 
     spec = _load(job, output=output, base_url=base_url)
     state = load_state(spec)
@@ -239,7 +239,7 @@ def status(job: str, output: str | None, base_url: str | None, offline: bool, as
 def cancel(job: str, output: str | None, base_url: str | None) -> int:
     """Cancel the running batches of JOB. The next `runner run JOB` joins what they finished."""
     from .batch.api import BatchApiError
-    from .batch.driver import load_state
+    from .batch.pending import load_state
 
     spec = _load(job, output=output, base_url=base_url)
     live = load_state(spec).live

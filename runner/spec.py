@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .endpoints import key_env_problem, resolve_host
+from .endpoint_names import key_env_problem, resolve_host
 from .errors import SpecError
 from .records import RESERVED_COLUMNS
 

@@ -18,7 +18,7 @@ from runner.batch.render import RowSet, covered_rows, custom_id, plan_batches
 from runner.batch.state import BatchRecord, BatchState
 from runner.cost import PriceBook
 from runner.endpoints import ApiKey, batch_base_url
-from runner.engine import run_job
+from runner.job import run_job
 from runner.errors import BadResponse, PermanentCallError, SpecError, TransientCallError
 from runner.records import Completion, Request
 from runner.sink import DoneRows
@@ -239,8 +239,8 @@ def test_a_create_cut_off_mid_call_is_found_not_sent_again(tmp_path, make_emulat
     key = ApiKey("sk-test")
 
     async def first_run_that_dies() -> None:
-        from runner.batch.driver import batch_metadata
-        from runner.engine import job_fingerprint
+        from runner.executors.batch import batch_metadata
+        from runner.job import job_fingerprint
         from runner.records import result_schema
         from runner.sink import ParquetSink
         from runner.sources import open_source
@@ -365,3 +365,16 @@ def test_a_batch_the_api_refuses_records_its_rows_as_failed(tmp_path, make_emula
         ("error", "PermanentCallError", "batch_rejected")}
     assert "not supported by the Batch API" in rows[0]["error_message"]
     assert emu.stats(keys=False)["batches"]["created"] == 0
+
+
+def test_a_refused_key_in_batch_mode_is_an_error_line_not_a_traceback(tmp_path):
+    """A run-level error inside the Batch API polling (a 401 on upload) reaches the CLI as error/hint, exit 1."""
+    from runner.emulator import Emulator, EmulatorConfig
+
+    with Emulator(EmulatorConfig(api_keys=("sk-the-right-key-000000",))) as emu:
+        write_prompts(tmp_path / "prompts.jsonl", 5)
+        job = make_job(tmp_path, emu, run={"mode": "batch"})
+        result = run_cli("run", str(job), "--quiet")
+    assert result.code == 1, result.stderr
+    assert "error: the endpoint refused the credentials" in result.stderr and "hint: " in result.stderr
+    assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr

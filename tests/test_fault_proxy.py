@@ -23,7 +23,7 @@ from runner.clients import ChatClient
 from runner.clients.stream_rules import StreamPolicy
 from runner.emulator.generate import ChatCall, complete
 from runner.endpoints import ApiKey
-from runner.engine import run_job
+from runner.job import run_job
 from runner.errors import CallError, TransientCallError
 from runner.records import Request
 from runner.spec import EndpointSpec, load_job

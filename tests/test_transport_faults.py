@@ -22,7 +22,7 @@ from runner.clients import ROW_KEY_HEADER, ChatClient
 from runner.clients.stream_rules import StreamPolicy
 from runner.clients.transport_errors import scrub
 from runner.endpoints import ApiKey
-from runner.engine import run_job
+from runner.job import run_job
 from runner.errors import BadResponse, CallError, PermanentCallError, SpecError, TransientCallError
 from runner.records import Request
 from runner.spec import EndpointSpec, load_job

@@ -1,9 +1,5 @@
-"""Batch mode: a job through DashScope's Batch API (API facts 7) at batch prices, into the same output.
-
-`run_batch_job` drives a run; `state` records what was sent beside the output; `render` writes
-the batch files, `api` talks to the files and batches endpoints, `join` reads the answers back.
+"""The Batch API pieces (API facts 7): `render` writes the batch files, `api` talks to the files and
+batches endpoints, `state` records what was sent beside the output, `join` reads the answers back,
+`pending` says what a job's pending batches forbid. The executor that drives them is
+`runner.executors.batch`; `runner status` / `runner cancel` and `runner validate` use them too.
 """
-
-from .driver import run_batch_job
-
-__all__ = ["run_batch_job"]
