@@ -11,7 +11,7 @@ The rule, for a 404 (or the native "Model not exist." 400) from the chat endpoin
 - any 404 after that model (or, for a path 404, any request) has succeeded: a row error as before,
   since the URL and the model are proven right and the answer is about this row.
 
-Stopping is a RunnerError raised from the client, which the engine's workers already turn into a
+Stopping is a RunnerError raised from the client, which the online executor's workers already turn into a
 stop: no new row is started, only the requests already in flight are spent (at most `concurrency`),
 and the rows they carried are not written, so the rerun after the fix sends them.
 

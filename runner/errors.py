@@ -2,7 +2,7 @@
 
 Run failures are exceptions (a subclass of RunnerError reaches the CLI, which prints its
 message and hint and maps it to an exit code). Row failures are data: a CallError never
-reaches the CLI, the engine turns it into an error row of the output table.
+reaches the CLI, the executor turns it into an error row of the output table.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ DashScope limits each model per account by requests and tokens per minute, enfor
   Retry-After (429 or 503) or for `cooldown_seconds` after a rate cut;
 - retries may not outnumber the endpoint's answers over a sliding window (a broken endpoint is not
   hammered).
-The engine talks to `RateLimiter` only (acquire, settle, report_*), so a cluster-wide limiter can
+The online executor talks to `RateLimiter` only (acquire, settle, report_*), so a cluster-wide limiter can
 replace this one.
 """
 

@@ -2,7 +2,7 @@
 
 `open_source` checks what can be checked up front (the file exists, is a regular file and is
 readable, named columns exist) and raises SourceError (exit 2). After that, a bad row never raises:
-it becomes a Request with `problem` set, naming the line or row and the column, and the engine
+it becomes a Request with `problem` set, naming the line or row and the column, and the executor
 writes it as an error row. Bad rows include text that cannot be sent (lone surrogates, which a
 valid JSON escape such as "\\ud800" produces, or invalid UTF-8 in a Parquet file), JSON lines nested
 deeper than MAX_NESTING (both checked in runner/rowcheck.py) and lines longer than MAX_LINE_BYTES
