@@ -58,7 +58,8 @@ def open_sink(spec: JobSpec, source: RequestSource, *, overwrite: bool, restart:
     """The job's output, its committed rows read back (every executor writes the same parts)."""
     return ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
                        part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds, overwrite=overwrite,
-                       restart=restart, retry_failed=retry_failed, reopen=reopen)
+                       restart=restart, retry_failed=retry_failed, reopen=reopen,
+                       currency=PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides={}).currency)
 
 
 def executor_for(spec: JobSpec) -> Executor:

@@ -18,7 +18,7 @@ from runner.emulator import Emulator, EmulatorConfig
 from tests.helpers import make_job, run_cli, start_cli, wait_until, write_prompts
 
 # What differs between two runs of the same job by design: ids, times, how the row was sent, its price.
-IGNORED = {"request_id", "started_at", "finished_at", "latency_ms", "time_to_first_token_ms", "mode", "cost"}
+IGNORED = {"request_id", "started_at", "finished_at", "latency_ms", "duration_ms", "time_to_first_token_ms", "mode", "cost"}
 FAST_BATCHES = dict(batch_time_scale=100.0, batch_phase_seconds=50.0)  # half a second a phase
 BATCH_RUN = {"mode": "batch", "batch_poll_seconds": 0.1}
 
