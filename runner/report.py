@@ -73,7 +73,6 @@ class RunSummary:
     output: str | None = None
     unfinished_parts: int | None = None  # summarised from the parts of a run that has not finished
     this_run: dict | None = None   # a resumed run's own rows, requests and wall time (the summary JSON's)
-    _latencies: array = field(default_factory=lambda: array("d"), repr=False)
     _durations: array = field(default_factory=lambda: array("d"), repr=False)
     _first_start: datetime | None = field(default=None, repr=False)
     _last_finish: datetime | None = field(default=None, repr=False)
@@ -90,8 +89,7 @@ class RunSummary:
             self.ok += 1
             model.ok += 1
             self.finish_reasons[result.finish_reason or "unknown"] += 1
-            if result.latency_ms is not None:
-                self._latencies.append(result.latency_ms)
+            if result.latency_ms is not None:  # kept once, per model (8 bytes a row); the run's are their union
                 model._latencies.append(result.latency_ms)
         else:
             self.failed += 1
@@ -121,7 +119,13 @@ class RunSummary:
 
     def latency_percentiles(self) -> dict[str, float | None]:
         """Of the successful rows' last attempts."""
-        return _percentiles(self._latencies)
+        per_model = [m._latencies for m in self.models.values()]
+        if len(per_model) == 1:
+            return _percentiles(per_model[0])
+        every = array("d")
+        for latencies in per_model:
+            every.extend(latencies)
+        return _percentiles(every)
 
     def duration_percentiles(self) -> dict[str, float | None]:
         """Of every sent row's whole time: first send to end, retries and waits included."""
