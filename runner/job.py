@@ -58,7 +58,8 @@ def open_sink(spec: JobSpec, source: RequestSource, *, overwrite: bool, restart:
     """The job's output, its committed rows read back (every executor writes the same parts)."""
     return ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
                        part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds, overwrite=overwrite,
-                       restart=restart, retry_failed=retry_failed, reopen=reopen)
+                       restart=restart, retry_failed=retry_failed, reopen=reopen,
+                       currency=PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides={}).currency)
 
 
 def executor_for(spec: JobSpec) -> Executor:
@@ -168,9 +169,12 @@ def _final_summary(spec: JobSpec, run: RunSummary) -> RunSummary:
     table.throttled, table.paused_seconds, table.rate_control = run.throttled, run.paused_seconds, run.rate_control
     table.currency, table.total_rows = run.currency, run.total_rows
     table.output = str(spec.output.path)
+    this_run = {"rows": run.rows, "requests_sent": run.attempts, "changed_rows_resent": run.changed_rows,
+                "wall_seconds": round(run.wall_seconds or 0, 3),
+                "rows_per_second": round(run.rows / run.wall_seconds, 2) if run.wall_seconds else None}
+    if run.skipped_done:  # the table's time span holds every run and the gaps between: report this run's own
+        table.this_run = this_run
     data = table.to_dict()
-    data["this_run"] = {"rows": run.rows, "requests_sent": run.attempts, "changed_rows_resent": run.changed_rows,
-                        "wall_seconds": round(run.wall_seconds or 0, 3),
-                        "rows_per_second": round(run.rows / run.wall_seconds, 2) if run.wall_seconds else None}
+    data["this_run"] = this_run
     write_file_atomic(spec.output.summary_path, json.dumps(data, indent=2) + "\n")  # OS errors: SinkError
     return table

@@ -78,7 +78,10 @@ class Result:
     error_message: str | None = None
     http_status: int | None = None
     attempts: int = 0
-    latency_ms: float | None = None
+    latency_ms: float | None = None  # the last attempt alone: from its send to its answer
+    # The whole row: from its first send to its end, retries, back-off and rate-limit waits included.
+    # None for a row never sent and for a batch row (a batch has no per-row time).
+    duration_ms: float | None = None
     time_to_first_token_ms: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -125,6 +128,7 @@ RESULT_FIELDS = (
     pa.field("http_status", pa.int32()),
     pa.field("attempts", pa.int32()),
     pa.field("latency_ms", pa.float64()),
+    pa.field("duration_ms", pa.float64()),
     pa.field("time_to_first_token_ms", pa.float64()),
     pa.field("started_at", _TS),
     pa.field("finished_at", _TS),
@@ -166,6 +170,7 @@ def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
         "http_status": [r.http_status for r in results],
         "attempts": [r.attempts for r in results],
         "latency_ms": [r.latency_ms for r in results],
+        "duration_ms": [r.duration_ms for r in results],
         "time_to_first_token_ms": [r.time_to_first_token_ms for r in results],
         "started_at": [r.started_at for r in results],
         "finished_at": [r.finished_at for r in results],

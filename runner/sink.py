@@ -49,6 +49,7 @@ TRANSIENT_ERRORS = frozenset({"TransientCallError", "Throttled", "BadResponse"})
 
 ANY_DIGEST = 2  # a row answered for a request we no longer know (a reopened output): any request matches
 FINGERPRINT_KEY = b"runner.fingerprint"  # in the output's Parquet metadata, to reopen it safely
+CURRENCY_KEY = b"runner.currency"  # in the output's metadata and the manifest: `runner summary` shows it
 
 
 class DoneRows:
@@ -112,6 +113,16 @@ def _count_below(sorted_row_ids: pa.ChunkedArray, bound: int) -> int:
     return pc.sum(pc.less(sorted_row_ids, bound)).as_py() or 0
 
 
+def _with_columns_of(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with every column of `schema`, in its order: a part written before a column existed (e.g.
+    duration_ms) gets it as nulls, so an old unfinished run or a reopened old output merges with new parts."""
+    if table.schema.names == schema.names:
+        return table
+    columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, names=schema.names)
+
+
 def _write_atomic(table: pa.Table, target: Path) -> None:
     tmp = target.with_name("." + target.name + ".tmp")
     try:
@@ -132,7 +143,7 @@ class ParquetSink:
     def __init__(self, output: Path, schema: pa.Schema, *, fingerprint: Mapping[str, str],
                  part_rows: int = 1000, part_seconds: float = 5.0, overwrite: bool = False,
                  restart: bool = False, retry_failed: str = "transient", reopen: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, currency: str | None = None) -> None:
         if retry_failed not in RETRY_FAILED:
             raise ValueError(f"retry_failed must be one of {RETRY_FAILED}")
         self.output = output
@@ -140,6 +151,7 @@ class ParquetSink:
         self.schema = schema
         self.part_schema = schema.append(REQUEST_HASH_FIELD)
         self.fingerprint = dict(fingerprint)
+        self.currency = currency  # of the costs; recorded only (not part of the fingerprint)
         self.part_rows = part_rows
         self.part_seconds = part_seconds
         self.retry_failed = retry_failed
@@ -272,7 +284,8 @@ class ParquetSink:
         return sorted(k for k in set(previous) | set(self.fingerprint) if previous.get(k) != self.fingerprint.get(k))
 
     def _write_manifest(self, path: Path) -> None:
-        write_file_atomic(path, json.dumps({"fingerprint": self.fingerprint}, indent=1, sort_keys=True))
+        info = {"fingerprint": self.fingerprint, **({"currency": self.currency} if self.currency else {})}
+        write_file_atomic(path, json.dumps(info, indent=1, sort_keys=True))
 
     def _load_parts(self) -> None:
         with os_errors(self.parts_dir, "cannot remove a half-written part"):
@@ -412,7 +425,8 @@ class ParquetSink:
         last_row = -1
         try:
             stamped = self.schema.with_metadata({**(self.schema.metadata or {}),
-                                                 FINGERPRINT_KEY: json.dumps(self.fingerprint, sort_keys=True)})
+                                                 FINGERPRINT_KEY: json.dumps(self.fingerprint, sort_keys=True),
+                                                 **({CURRENCY_KEY: self.currency} if self.currency else {})})
             with pq.ParquetWriter(tmp, stamped, compression="zstd") as writer:
                 for low in range(0, expected_rows, MERGE_WINDOW_ROWS):
                     window = self._merge_window(low, min(low + MERGE_WINDOW_ROWS, expected_rows))
@@ -452,7 +466,9 @@ class ParquetSink:
                 continue
             with os_errors(part.path, "cannot read a committed part"):  # not "cannot write the output"
                 with pq.ParquetFile(part.path) as parquet:
-                    table = parquet.read(columns=self.schema.names, use_threads=False)
+                    present = set(parquet.schema_arrow.names)
+                    table = parquet.read(columns=[n for n in self.schema.names if n in present], use_threads=False)
+            table = _with_columns_of(table, self.schema)
             row_ids = table.column("row_id")
             start, stop = _count_below(row_ids, low), _count_below(row_ids, high)
             if stop > start:

@@ -18,7 +18,7 @@ from runner.emulator import Emulator, EmulatorConfig
 from tests.helpers import make_job, run_cli, start_cli, wait_until, write_prompts
 
 # What differs between two runs of the same job by design: ids, times, how the row was sent, its price.
-IGNORED = {"request_id", "started_at", "finished_at", "latency_ms", "time_to_first_token_ms", "mode", "cost"}
+IGNORED = {"request_id", "started_at", "finished_at", "latency_ms", "duration_ms", "time_to_first_token_ms", "mode", "cost"}
 FAST_BATCHES = dict(batch_time_scale=100.0, batch_phase_seconds=50.0)  # half a second a phase
 BATCH_RUN = {"mode": "batch", "batch_poll_seconds": 0.1}
 
@@ -204,6 +204,8 @@ def test_expiry_with_partial_output_finishes_online(tmp_path, make_emulator):
     assert {r["status"] for r in table} == {"ok"}
     by_mode = {m: sum(r["mode"] == m for r in table) for m in ("batch", "online")}
     assert by_mode == {"batch": 400, "online": 600}
+    # A batch reports no per-row time: its rows' duration_ms is null; the online finish's rows have theirs.
+    assert all((r["duration_ms"] is None) == (r["mode"] == "batch") for r in table)
     stats = emu.stats(keys=False)
     assert stats["requests"] == 600 and stats["batches"]["by_status"] == {"expired": 1}
     summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from runner.emulator import Emulator, EmulatorConfig
 from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
 
-IGNORED = {"started_at", "finished_at", "latency_ms", "request_id"}
+IGNORED = {"started_at", "finished_at", "latency_ms", "duration_ms", "request_id"}
 
 
 def _comparable(path) -> list[dict]:

@@ -98,7 +98,11 @@ def join_batch(record: BatchRecord, folder: Path, prices: PriceBook) -> list[Res
     for line_number, (cid, row) in enumerate(by_id.items(), start=1):
         kept = {k: v for k, v in row.items() if k not in ("row_id", "key", "request_hash")}
         base = dict(row_id=row["row_id"], key=row["key"], model=record.model, mode="batch", kept=kept,
-                    request_hash=row["request_hash"], started_at=started, finished_at=ended)
+                    request_hash=row["request_hash"], started_at=started, finished_at=ended,
+                    # No per-row time: the batch ran its rows in an order and at times it does not report.
+                    # started_at..finished_at is the batch's own span; a per-row copy of it would only
+                    # pollute the duration percentiles of a mixed run.
+                    duration_ms=None)
         outcome = outcomes.get(cid)
         if outcome is None:
             outcome = _not_run(record, line_errors.get(line_number))

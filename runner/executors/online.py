@@ -36,24 +36,31 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _ok_result(request: Request, outcome, started_at: datetime, cost: float | None) -> Result:
+def _duration_ms(first_sent: float | None) -> float | None:
+    """The row's time from its first send (a time.perf_counter reading) to now; None if it was never sent."""
+    return None if first_sent is None else (time.perf_counter() - first_sent) * 1000
+
+
+def _ok_result(request: Request, outcome, started_at: datetime, cost: float | None,
+               first_sent: float | None = None) -> Result:
     completion = outcome.completion
     return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_OK, kept=request.kept,
                   response=completion.content, reasoning=completion.reasoning,
                   finish_reason=completion.finish_reason, usage=completion.usage, cost=cost,
                   request_id=completion.request_id, http_status=completion.http_status,
                   attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
-                  time_to_first_token_ms=completion.first_token_ms,
+                  duration_ms=_duration_ms(first_sent), time_to_first_token_ms=completion.first_token_ms,
                   started_at=started_at, finished_at=_now(), request_hash=request.digest())
 
 
-def _error_result(request: Request, outcome, started_at: datetime, cost: None = None) -> Result:
+def _error_result(request: Request, outcome, started_at: datetime, cost: None = None,
+                  first_sent: float | None = None) -> Result:
     error = outcome.error
     return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR,
                   kept=request.kept, request_id=error.request_id, error_type=error.error_type,
                   error_code=error.code, error_message=error.message, http_status=error.http_status,
                   attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
-                  started_at=started_at, finished_at=_now(), request_hash=request.digest())
+                  duration_ms=_duration_ms(first_sent), started_at=started_at, finished_at=_now(), request_hash=request.digest())
 
 
 def invalid_row_result(request: Request) -> Result:
@@ -157,9 +164,10 @@ class _Lane:
     expected_output_tokens: int | None
     prices: PriceBook
     spend: CostBudget | None
-async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None]:
+async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None, float | None]:
     """One row through the limiter and the retry loop; the token reservation is settled with the real usage.
-    Returns the outcome and the successful answer's cost. Raises Stopping, before anything more is sent,
+    Returns the outcome, the successful answer's cost and when the first attempt was sent (time.perf_counter:
+    the start of the row's duration_ms, so waiting for the first rate-limit slot is queueing, not the row). Raises Stopping, before anything more is sent,
     once the run is stopping."""
     model = request.model
     limiter = lane.limiter
@@ -168,9 +176,10 @@ async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None]:
     last_error = ""
     sent_at = Sent(0.0, 0)
     answer_cost: float | None = None
+    first_sent: float | None = None
 
     async def before_attempt(number: int) -> None:
-        nonlocal sent_at
+        nonlocal sent_at, first_sent
         if number > 1:
             lane.retry_budget.retry(last_error)
         with lane.stop.abortable():
@@ -181,6 +190,8 @@ async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None]:
             if lane.spend is not None:
                 with lane.stop.abortable():
                     await lane.spend.reserve(worst_cost)  # released or replaced by the real cost in attempt()
+            if first_sent is None:
+                first_sent = time.perf_counter()
         except BaseException:
             limiter.settle(model, -reserve)
             limiter.report_failure(model, sent_at)
@@ -220,7 +231,7 @@ async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None]:
             await lane.sleep(seconds)
 
     outcome = await call_with_retries(attempt, request, lane.policy, sleep=retry_sleep, before_attempt=before_attempt)
-    return outcome, answer_cost
+    return outcome, answer_cost, first_sent
 
 
 async def _work(lane: _Lane, requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:
@@ -230,16 +241,16 @@ async def _work(lane: _Lane, requests: ObjectReceiveStream[Request], results: Ob
                 return  # queued rows are not started once the run is stopping
             started_at = _now()
             try:
-                outcome, cost = await _send(lane, request)
+                outcome, cost, first_sent = await _send(lane, request)
             except Stopping:
                 continue
             except RunnerError as error:
                 lane.stop.fail(error)  # this row is not written: the rerun sends it
                 continue
             if outcome.completion is not None:
-                result = _ok_result(request, outcome, started_at, cost)
+                result = _ok_result(request, outcome, started_at, cost, first_sent)
             else:
-                result = _error_result(request, outcome, started_at)
+                result = _error_result(request, outcome, started_at, first_sent=first_sent)
             await results.send(result)
 
 
