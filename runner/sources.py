@@ -151,6 +151,8 @@ class RequestSource:
 
     def _array_rows(self) -> Iterator[tuple[str, Any, bool]]:
         for index, values in enumerate(self._array):
+            if isinstance(values, list):  # the JSON Lines wording of _not_an_object would mislead here
+                values = _Problem("expected a JSON object, got a list")
             yield f"array element {index}", values, True
 
     # -- JSONL -------------------------------------------------------------------------------

@@ -157,3 +157,31 @@ def test_rows_are_not_warned_about(tmp_path, emulator):
     assert result.code == 0, result.stderr
     assert "has no rows" not in result.stderr
     assert len(read_output(tmp_path / "out" / "p_tsv.parquet")) == 3
+
+
+def test_json_array_parser_across_chunk_boundaries(tmp_path, monkeypatch):
+    """The element-by-element parser gives json.loads' elements when every element, string and number is cut
+    by a buffer boundary, and names the element and character of a syntax error."""
+    from runner import json_array
+    from runner.errors import SourceError
+
+    monkeypatch.setattr(json_array, "_CHUNK_CHARS", 7)
+    values = [{"x": i, "s": "é\"\\" * i, "f": 1.5e10 + i} for i in range(30)] + [123456789, "text", None, [1, 2]]
+    path = tmp_path / "a.json"
+    for text in (json.dumps(values, ensure_ascii=False, indent=2), json.dumps(values), "\ufeff" + json.dumps(values)):
+        path.write_text(text, encoding="utf-8")
+        assert list(json_array.JsonArrayReader(path, gzipped=False, max_element_chars=10_000)) == values
+    bad = {'[{"a": 1},]': "array element 1: invalid JSON (Expecting value)",
+           '[{"a": 1}] x': "text after the array's closing ']' (character 12)",
+           '[{"a": 1} {"b": 2}]': "after array element 0: expected ',' or ']' (character 11)",
+           '[{"a": 1': "array element 0: invalid JSON",
+           '{"a": 1}': "expected a JSON array of objects, the file holds an object",
+           '[{"a": "' + "x" * 500 + '"}]': "array element 0: longer than 100 characters"}
+    for text, message in bad.items():
+        path.write_text(text)
+        with pytest.raises(SourceError) as caught:
+            list(json_array.JsonArrayReader(path, gzipped=False, max_element_chars=100))
+        assert message in caught.value.message, (text, caught.value.message)
+    for empty in ("", " \n", "[]", "[ ]"):
+        path.write_text(empty)
+        assert list(json_array.JsonArrayReader(path, gzipped=False, max_element_chars=100)) == []
