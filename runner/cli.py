@@ -78,7 +78,7 @@ _fail_on_empty_option = click.option(
 def _check_not_empty(spec, fail: bool) -> None:
     from .sources import check_not_empty
 
-    warning = check_not_empty(spec.input, spec.model, fail=fail)
+    warning = check_not_empty(spec.input, spec.model, fail=fail or spec.input.fail_on_empty)
     if warning:
         click.echo(f"warning: {warning}", err=True)
 

@@ -192,7 +192,8 @@ class RequestSource:
         if rows and not objects:
             raise SourceError(f"{self.path}: none of the first {rows} {noun} is a JSON object ({first_problem})",
                               hint="JSON Lines has one object per line, e.g. {\"prompt\": \"...\"}; "
-                                   "a JSON array converts with: jq -c '.[]' file.json > file.jsonl")
+                                   "a JSON array converts with: jq -c '.[]' file.json > file.jsonl" if noun == "lines"
+                              else "a .json input is an array of objects, e.g. [{\"prompt\": \"...\"}]")
         missing = [c for c in needed if c not in seen]
         if rows and missing:
             raise SourceError(f"{self.path}: no column {_names(missing)} in any of the first {rows} rows")
@@ -239,7 +240,7 @@ def check_not_empty(spec: InputSpec, model: ModelSpec, *, fail: bool) -> str | N
         return None
     message = f"{spec.path} has no rows"
     if fail:
-        raise SourceError(message, hint="--fail-on-empty was given: an empty input is an error")
+        raise SourceError(message, hint="--fail-on-empty (or [input] fail_on_empty) makes an empty input an error")
     return message
 
 

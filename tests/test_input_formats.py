@@ -185,3 +185,16 @@ def test_json_array_parser_across_chunk_boundaries(tmp_path, monkeypatch):
     for empty in ("", " \n", "[]", "[ ]"):
         path.write_text(empty)
         assert list(json_array.JsonArrayReader(path, gzipped=False, max_element_chars=100)) == []
+
+
+def test_fail_on_empty_from_the_job_file(tmp_path):
+    """`[input] fail_on_empty = true` makes an empty input exit 2 without the flag; false (the default) warns."""
+    (tmp_path / "empty.csv").write_text("id,prompt\n")
+    strict = make_job(tmp_path, endpoint=NOWHERE, name="strict",
+                      input={"path": "empty.csv", "prompt_column": "prompt", "fail_on_empty": True})
+    result = run_cli("validate", str(strict))
+    assert result.code == 2 and "error: " in result.stderr and "empty.csv has no rows" in result.stderr
+    lenient = make_job(tmp_path, endpoint=NOWHERE, name="lenient",
+                       input={"path": "empty.csv", "prompt_column": "prompt", "fail_on_empty": False})
+    result = run_cli("validate", str(lenient))
+    assert result.code == 0 and "warning: " in result.stderr and "empty.csv has no rows" in result.stderr
