@@ -71,6 +71,18 @@ def _job_overrides(func: Callable) -> Callable:
     return func
 
 
+_fail_on_empty_option = click.option(
+    "--fail-on-empty", is_flag=True, help="Exit 2 when the input has no rows (else a warning), e.g. for cron.")
+
+
+def _check_not_empty(spec, fail: bool) -> None:
+    from .sources import check_not_empty
+
+    warning = check_not_empty(spec.input, spec.model, fail=fail or spec.input.fail_on_empty)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+
+
 def _load(job: str, **overrides: Any):
     from .spec import load_job
 
@@ -93,9 +105,10 @@ def _load(job: str, **overrides: Any):
 @click.option("--emulator", "use_emulator", is_flag=True,
               help="Rehearse against the built-in DashScope emulator on loopback (no key, no network).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@_fail_on_empty_option
 @_funnel
 def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_emulator: bool, quiet: bool,
-        dry_run: bool, **overrides: Any) -> int:
+        dry_run: bool, fail_on_empty: bool, **overrides: Any) -> int:
     """Send every row of JOB and write the results to Parquet (resumes an unfinished run)."""
     import gc
 
@@ -104,6 +117,7 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
     from .job import run_job
 
     spec = _load(job, **overrides)
+    _check_not_empty(spec, fail_on_empty)
     if dry_run:
         from .validate import validate_job, write_dry_run
 
@@ -155,12 +169,14 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
 @click.argument("job", type=click.Path(dir_okay=False))
 @_job_overrides
 @click.option("--problems", "show", type=int, default=10, show_default=True, help="How many problem rows to list.")
+@_fail_on_empty_option
 @_funnel
-def validate(job: str, show: int, **overrides: Any) -> int:
+def validate(job: str, show: int, fail_on_empty: bool, **overrides: Any) -> int:
     """Read JOB and its whole input, render every request, report problems. Sends nothing."""
     from .validate import validate_job
 
     spec = _load(job, **overrides)
+    _check_not_empty(spec, fail_on_empty)
     report = validate_job(spec, show=show)
     click.echo(report.render())
     if report.rows and report.invalid / report.rows > spec.run.max_error_rate:

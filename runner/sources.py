@@ -1,5 +1,9 @@
 """Input rows -> Requests, streamed in file order. Never reads a whole file into memory.
 
+Formats, by file name: JSON Lines (.jsonl, .ndjson), CSV (.csv), TSV (.tsv), a JSON array of objects
+(.json), each also gzipped (.gz), and Parquet. CSV/TSV rows come from runner/csv_input.py and JSON
+arrays from runner/json_array.py; every format gives row_id 0 to its first row.
+
 `open_source` checks what can be checked up front (the file exists, is a regular file and is
 readable, named columns exist) and raises SourceError (exit 2). After that, a bad row never raises:
 it becomes a Request with `problem` set, naming the line or row and the column, and the executor
@@ -28,7 +32,11 @@ from .records import Request
 from .rowcheck import MAX_NESTING, TOO_DEEP, UNDECODABLE, nested_problem, scrubbed, unencodable, value_problem
 from .spec import InputSpec, ModelSpec
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".gz": "jsonl.gz", ".parquet": "parquet"}
+# File name endings -> format, longest first (.csv.gz before .gz).
+FORMATS = {".jsonl.gz": "jsonl.gz", ".ndjson.gz": "jsonl.gz", ".csv.gz": "csv.gz", ".tsv.gz": "tsv.gz",
+           ".json.gz": "json.gz", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+           ".json": "json", ".parquet": "parquet"}
+ACCEPTED = ".jsonl, .csv, .tsv, .json (each also .gz) or .parquet"
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 # JSONL has no schema: a named column absent from every one of the first rows is a usage error.
 JSONL_PEEK_ROWS = 1000
@@ -41,30 +49,33 @@ MAX_LINE_BYTES = 32 * 1024 * 1024
 
 def input_format(path: Path) -> str:
     name = path.name.lower()
-    if name.endswith((".jsonl.gz", ".ndjson.gz")):
-        return "jsonl.gz"
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None or fmt == "jsonl.gz":
-        raise SourceError(f"{path}: unsupported input format; expected .jsonl, .jsonl.gz or .parquet")
-    return fmt
+    for ending, fmt in FORMATS.items():
+        if name.endswith(ending):
+            return fmt
+    raise SourceError(f"{path}: unsupported input format; expected {ACCEPTED}")
 
 
 class RequestSource:
     """An opened input: `total` rows (None if unknown without a full read), `kept_fields`, iteration."""
 
-    def __init__(self, spec: InputSpec, model: ModelSpec, *, limit: int | None = None) -> None:
+    def __init__(self, spec: InputSpec, model: ModelSpec, *, limit: int | None = None, count: bool = True) -> None:
         self.spec = spec
         self.model = model
         self.limit = limit
         self.path = spec.path
         self.format = input_format(spec.path)
+        self._count = count  # False: `total` stays None where knowing it takes a pass over the file
         _check_regular_file(self.path)
         if self.format == "parquet":
             self._open_parquet()
+        elif self.format.startswith(("csv", "tsv")):
+            self._open_csv()
+        elif self.format in ("json", "json.gz"):
+            self._open_json_array()
         else:
             self._check_jsonl_columns()
             self.kept_fields = tuple(pa.field(name, pa.string()) for name in spec.keep_columns)
-            self.total = _count_lines(self.path) if self.format == "jsonl" else None
+            self.total = _count_lines(self.path) if self.format == "jsonl" and self._count else None
         if self.total is not None and limit is not None:
             self.total = min(self.total, limit)
 
@@ -87,16 +98,62 @@ class RequestSource:
     def _parquet_rows(self) -> Iterator[tuple[str, Any, bool]]:
         """(where, values, whether the values need checking) per row. Parquet text is UTF-8 and pyarrow reads
         no schema nested more than 100 levels deep, so only a batch whose text would not decode is checked."""
-        row_id = 0
         columns = list(self.spec.needed_columns())
-        for batch in self._parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns or None):
-            try:
-                rows, check = batch.to_pylist(), False
-            except UnicodeDecodeError:  # Arrow does not check that a string column holds UTF-8
-                rows, check = _rows_with_bad_text(batch), True
-            for values in rows:
-                yield f"row {row_id}", values, check
-                row_id += 1
+        yield from self._batch_rows(self._parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns or None),
+                                    first=0)
+
+    def _batch_rows(self, batches: Iterator[pa.RecordBatch], first: int) -> Iterator[tuple[str, Any, bool]]:
+        """(where, values, whether the values need checking) per row of Arrow batches; rows are named
+        "row N" from `first` on (Parquet counts from 0 like row_id, CSV data rows from 1)."""
+        number = first
+        noun = "data row" if first else "row"
+        for block in batches:
+            # A CSV block (4 MB) holds ~25k rows: made into Python objects a slice at a time, they take far less memory.
+            for start in range(0, block.num_rows, PARQUET_BATCH_ROWS):
+                batch = block.slice(start, PARQUET_BATCH_ROWS)
+                try:
+                    rows, check = batch.to_pylist(), False
+                except UnicodeDecodeError:  # Arrow does not check that a string column holds UTF-8
+                    rows, check = _rows_with_bad_text(batch), True
+                for values in rows:
+                    yield f"{noun} {number}", values, check
+                    number += 1
+
+    # -- CSV / TSV ---------------------------------------------------------------------------
+    def _open_csv(self) -> None:
+        from .csv_input import CsvInput
+
+        self._csv = CsvInput(self.path, tsv=self.format.startswith("tsv"), gzipped=self.format.endswith(".gz"))
+        missing = [c for c in self.spec.needed_columns() if c not in self._csv.columns]
+        if missing and self._csv.columns:  # a file without even a header is an empty input
+            raise SourceError(f"{self.path}: no column {_names(missing)} in the header; it has "
+                              f"{', '.join(self._csv.columns)}")
+        self.kept_fields = tuple(pa.field(name, pa.string()) for name in self.spec.keep_columns)
+        self.total = self._csv.count() if self._count else None
+
+    def _csv_rows(self) -> Iterator[tuple[str, Any, bool]]:
+        columns = list(self.spec.needed_columns()) or self._csv.columns[:1]
+        return self._batch_rows(self._csv.batches(columns), first=1)
+
+    # -- JSON array --------------------------------------------------------------------------
+    def _open_json_array(self) -> None:
+        from .json_array import JsonArrayReader
+
+        self._array = JsonArrayReader(self.path, gzipped=self.format.endswith(".gz"),
+                                      max_element_chars=MAX_LINE_BYTES)
+        try:
+            # Parses the whole file once: a syntax error stops the job before anything is sent.
+            self.total = self._array.count() if self._count else None
+            self._check_jsonl_columns()
+        except (OSError, EOFError, zlib.error) as exc:
+            raise SourceError(f"{self.path}: cannot read input file ({exc})") from None
+        self.kept_fields = tuple(pa.field(name, pa.string()) for name in self.spec.keep_columns)
+
+    def _array_rows(self) -> Iterator[tuple[str, Any, bool]]:
+        for index, values in enumerate(self._array):
+            if isinstance(values, list):  # the JSON Lines wording of _not_an_object would mislead here
+                values = _Problem("expected a JSON object, got a list")
+            yield f"array element {index}", values, True
 
     # -- JSONL -------------------------------------------------------------------------------
     def _open_text(self) -> io.BufferedIOBase:
@@ -112,8 +169,15 @@ class RequestSource:
         rows = 0
         objects = 0
         first_problem = ""
+        rows_of = self._array_rows if self.format in ("json", "json.gz") else self._jsonl_rows
         try:
-            for where, values, _check in self._jsonl_rows():
+            for where, values, _check in rows_of():
+                if (not rows and rows_of == self._jsonl_rows and isinstance(values, (list, _Problem))
+                        and _starts_an_array(self._open_text)):
+                    raise SourceError(f"{self.path}: {where} is a JSON array, not an object; JSON Lines has one "
+                                      "object per line",
+                                      hint="name the file .json (a JSON array of objects is read from .json), or "
+                                           "convert it: jq -c '.[]' file.json > file.jsonl")
                 if isinstance(values, dict):
                     seen.update(k for k in needed if k in values)
                     objects += 1
@@ -124,10 +188,12 @@ class RequestSource:
                     break
         except (OSError, EOFError, zlib.error) as exc:
             raise SourceError(f"{self.path}: cannot read input file ({exc})") from None
+        noun = "lines" if rows_of == self._jsonl_rows else "array elements"
         if rows and not objects:
-            raise SourceError(f"{self.path}: none of the first {rows} lines is a JSON object ({first_problem})",
+            raise SourceError(f"{self.path}: none of the first {rows} {noun} is a JSON object ({first_problem})",
                               hint="JSON Lines has one object per line, e.g. {\"prompt\": \"...\"}; "
-                                   "a JSON array converts with: jq -c '.[]' file.json > file.jsonl")
+                                   "a JSON array converts with: jq -c '.[]' file.json > file.jsonl" if noun == "lines"
+                              else "a .json input is an array of objects, e.g. [{\"prompt\": \"...\"}]")
         missing = [c for c in needed if c not in seen]
         if rows and missing:
             raise SourceError(f"{self.path}: no column {_names(missing)} in any of the first {rows} rows")
@@ -143,7 +209,8 @@ class RequestSource:
 
     # -- rows -> requests --------------------------------------------------------------------
     def __iter__(self) -> Iterator[Request]:
-        rows = self._parquet_rows() if self.format == "parquet" else self._jsonl_rows()
+        rows = {"parquet": self._parquet_rows, "csv": self._csv_rows, "tsv": self._csv_rows,
+                "json": self._array_rows}.get(self.format.removesuffix(".gz"), self._jsonl_rows)()
         limit = self.limit
         needed = self.spec.needed_columns()
         try:
@@ -158,6 +225,23 @@ class RequestSource:
 
 def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None) -> RequestSource:
     return RequestSource(spec, model, limit=limit)
+
+
+def check_not_empty(spec: InputSpec, model: ModelSpec, *, fail: bool) -> str | None:
+    """A warning if the input has no rows (None if it has); with `fail`, a SourceError instead (exit 2).
+
+    An input that cannot be read is left to `open_source`, which names the problem."""
+    try:
+        source = RequestSource(spec, model, count=False)
+        empty = source.total == 0 if source.total is not None else next(iter(source), None) is None
+    except SourceError:
+        return None
+    if not empty:
+        return None
+    message = f"{spec.path} has no rows"
+    if fail:
+        raise SourceError(message, hint="--fail-on-empty (or [input] fail_on_empty) makes an empty input an error")
+    return message
 
 
 def _check_regular_file(path: Path) -> None:
@@ -198,6 +282,13 @@ def _overlong(line: bytes, fh: io.BufferedIOBase) -> bool:
         rest = fh.readline(1 << 20)
         if not rest or rest.endswith(b"\n"):
             return True
+
+
+def _starts_an_array(open_text) -> bool:
+    """Whether the file's first character (after a byte order mark and white space) is '['."""
+    with open_text() as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
 
 
 def _parse_line(line: bytes) -> Any:

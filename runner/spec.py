@@ -52,6 +52,7 @@ class InputSpec:
     keep_columns: tuple[str, ...] = ()
     model_column: str | None = None
     params_column: str | None = None
+    fail_on_empty: bool = False  # an input with no rows is an error (exit 2), not a warning
 
     @property
     def template_columns(self) -> tuple[str, ...]:
@@ -225,7 +226,7 @@ PRICE_KEYS = ("price_input", "price_output", "price_cached_input", "price_thinki
 _SECTIONS: dict[str, dict[str, str]] = {
     "input": {"path": _STR, "id_column": _STR, "prompt_column": _STR, "messages_column": _STR,
               "template": _STR, "system_prompt": _STR, "keep_columns": "a list of strings",
-              "model_column": _STR, "params_column": _STR},
+              "model_column": _STR, "params_column": _STR, "fail_on_empty": _BOOL},
     "endpoint": {"dialect": _STR, "region": _STR, "base_url": _STR, "workspace": _STR,
                  "api_key_env": _STR, "api_key_file": _STR, "timeout": _NUM,
                  "connect_timeout": _NUM, "stream_idle_timeout": _NUM, "read_timeout": _NUM, "transport": _STR,
@@ -448,6 +449,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         messages_column=get("input", "messages_column"), template=template,
         system_prompt=get("input", "system_prompt"), keep_columns=keep,
         model_column=get("input", "model_column"), params_column=get("input", "params_column"),
+        fail_on_empty=get("input", "fail_on_empty", False),
     )
 
     # [endpoint]

@@ -148,11 +148,11 @@ def test_limit_and_blank_lines(tmp_path):
 
 
 def test_unsupported_format(tmp_path):
-    """An input that is neither JSONL nor Parquet is a SourceError naming the accepted formats."""
+    """An input of no supported format is a SourceError naming the accepted formats."""
     (tmp_path / "jobs").mkdir()
-    (tmp_path / "jobs" / "in.csv").write_text("a,b\n")
-    spec = _spec(tmp_path, input={"path": "in.csv"})
-    with pytest.raises(SourceError, match="expected .jsonl, .jsonl.gz or .parquet"):
+    (tmp_path / "jobs" / "in.xlsx").write_text("a,b\n")
+    spec = _spec(tmp_path, input={"path": "in.xlsx"})
+    with pytest.raises(SourceError, match=r"expected .jsonl, .csv, .tsv, .json \(each also .gz\) or .parquet"):
         open_source(spec.input, spec.model)
 
 
