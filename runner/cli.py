@@ -97,6 +97,7 @@ def _load(job: str, **overrides: Any):
 def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_emulator: bool, quiet: bool,
         dry_run: bool, **overrides: Any) -> int:
     """Send every row of JOB and write the results to Parquet (resumes an unfinished run)."""
+    import dataclasses
     import gc
 
     import anyio
@@ -122,6 +123,7 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
         emulator = Emulator(EmulatorConfig(batch_time_scale=60.0, batch_phase_seconds=60.0)).start()
         base = emulator.openai_base_url if spec.endpoint.dialect == "openai" else emulator.dashscope_base_url
         spec = spec.override(base_url=base)
+        spec = dataclasses.replace(spec, endpoint=dataclasses.replace(spec.endpoint, emulator=True))
         if spec.run.mode == "batch":
             spec = spec.override(batch_poll_seconds=0.5)
         api_key = ApiKey(EMULATOR_KEY)
