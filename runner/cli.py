@@ -65,6 +65,11 @@ def _job_overrides(func: Callable) -> Callable:
         click.option("--mode", type=click.Choice(["online", "batch"]),
                      help="Send rows one request each (online) or through the Batch API at batch prices "
                           "(overrides [run] mode)."),
+        click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed."),
+        click.option("--max-cost", type=float,
+                     help="Hard budget in the price table's currency (overrides [run] max_cost)."),
+        click.option("--rpm", type=float, help="Requests per minute allowed per model (overrides [run] rpm)."),
+        click.option("--tpm", type=float, help="Tokens per minute allowed per model (overrides [run] tpm)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -80,11 +85,7 @@ def _load(job: str, **overrides: Any):
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @_job_overrides
-@click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed.")
-@click.option("--max-cost", type=float, help="Hard budget in the price table's currency (overrides [run] max_cost).")
 @click.option("--dry-run", is_flag=True, help="Render every request into <output>.requests.jsonl (no key) and send nothing.")
-@click.option("--rpm", type=float, help="Requests per minute allowed per model (overrides [run] rpm).")
-@click.option("--tpm", type=float, help="Tokens per minute allowed per model (overrides [run] tpm).")
 @click.option("--overwrite", is_flag=True, help="Replace an output file left by a finished run.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run's committed rows and start over.")
 @click.option("--retry-failed", type=click.Choice(["transient", "all", "none"]),
@@ -165,6 +166,11 @@ def validate(job: str, show: int, **overrides: Any) -> int:
     spec = _load(job, **overrides)
     report = validate_job(spec, show=show)
     click.echo(report.render())
+    if report.output_unwritable:  # the code `runner run` would stop with
+        click.echo(f"error: {spec.output.path.parent}: output folder is not writable ({report.output_unwritable})",
+                   err=True)
+        click.echo("hint: choose another --output, or make the folder writable", err=True)
+        return EXIT_FATAL
     if report.rows and report.invalid / report.rows > spec.run.max_error_rate:
         return EXIT_TOO_MANY_FAILED
     return EXIT_OK
