@@ -136,7 +136,7 @@ def test_kill_after_creation_never_creates_a_second_batch(tmp_path):
         assert status.code == 0, status.stderr
         assert status.stdout.count("validating") == 3 and "3 batch(es), 3 running" in status.stdout
         listed = json.loads(run_cli("status", str(job), "--json").stdout)
-        assert [b["rows"] for b in listed] == [250, 250, 100]
+        assert [b["rows"] for b in listed["batches"]] == [250, 250, 100] and listed["from_server"]
         keyless = run_cli("status", str(job), key=None)
         assert keyless.code == 0 and "is not set: showing what the last run recorded" in keyless.stderr
         assert keyless.stdout.count("validating") == 3
