@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
 from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
@@ -55,3 +56,33 @@ def test_a_real_endpoint_run_does_not_resume_an_emulator_rehearsal(tmp_path, emu
     real = run_cli("run", str(job))
     assert real.code == 2, real.stderr
     assert "different job" in real.stderr and "the built-in emulator" in real.stderr
+
+
+def test_batch_mode_rehearsal_resumes_after_sigint(tmp_path):
+    """A batch-mode `--emulator` run stopped by SIGINT after creating a batch resumes with the same command: the
+    batches that died with the first emulator are planned again, every row ends up exactly once; status shows
+    what was recorded, without asking a server that is gone."""
+    records = write_prompts(tmp_path / "prompts.jsonl", 400)
+    job = make_job(tmp_path, run={"mode": "batch", "batch_max_lines": 250})
+    out = tmp_path / "out/result.parquet"
+    state = out.with_name(out.name + ".parts") / "batch-state.json"
+    proc = start_cli("run", str(job), "--emulator", key=None)
+    wait_until(lambda: (state.exists() and '"batch_id": "batch' in state.read_text()) or proc.poll() is not None,
+               60, "a batch created")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "end with this rehearsal's emulator" in stderr and "--offline" in stderr
+
+    shown = run_cli("status", str(job), "--json", key=None)
+    assert shown.code == 0, shown.stderr
+    listed = json.loads(shown.stdout)
+    assert listed["endpoint"] == "emulator" and not listed["from_server"] and listed["running"] >= 1
+    assert run_cli("cancel", str(job), key=None).code == 1
+
+    result = run_cli("run", str(job), "--emulator", key=None)
+    assert result.code == 0, result.stderr
+    assert "gone with it: sending them again" in result.stderr
+    rows = read_output(out)
+    assert [r["key"] for r in rows] == [r["id"] for r in records]
+    assert {(r["status"], r["mode"]) for r in rows} == {("ok", "batch")}

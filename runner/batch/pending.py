@@ -63,10 +63,32 @@ def _as_written(spec: JobSpec) -> JobSpec | None:
         return None
 
 
+def died_with_their_emulator(spec: JobSpec, state: BatchState) -> bool:
+    """A `--emulator` rerun of a rehearsal whose batches lived in the emulator of an earlier process: they are
+    gone with it, so nothing can be paid twice or lost, and their rows must be planned again."""
+    return spec.endpoint.emulator and bool((state.endpoint or {}).get("emulator"))
+
+
+def forget_emulator_batches(spec: JobSpec, state: BatchState) -> int:
+    """Drop the batches an earlier rehearsal's emulator took with it (their answers never came down), so this
+    run plans their rows into new batches; returns how many rows that frees."""
+    if not died_with_their_emulator(spec, state):
+        return 0
+    gone = [r for r in state.records if not r.joined and not r.downloaded]
+    for record in gone:
+        for path in (record.input_path(state.folder), record.rows_path(state.folder)):
+            path.unlink(missing_ok=True)
+    state.records = [r for r in state.records if r not in gone]
+    state.save()
+    return sum(r.rows for r in gone)
+
+
 def guard_pending_batches(spec: JobSpec, *, restart: bool, online: bool) -> None:
     """Refuse what would pay for rows twice or lose batches: --restart while batches run, and an online
     run while batches of this job have answers not joined yet."""
     state = load_state(spec)
+    if died_with_their_emulator(spec, state):
+        return
     if restart and state.live:
         live = state.live
         raise RunnerError(f"{spec.output.path}: {len(live)} batch(es) of this job are still running "
