@@ -30,5 +30,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["run_job", "load_job", "JobSpec", "RunSummary", "summarize_file", "RunnerError", "SpecError",
-           "SourceError", "SinkError", "OutputConflict", "AuthError", "QuotaExhausted", "EndpointNotFound", "Interrupted", "CallError",
-           "TransientCallError", "Throttled", "PermanentCallError", "NotFound", "BadResponse", "InvalidRow"]
+           "SourceError", "SinkError", "OutputConflict", "AuthError", "QuotaExhausted", "EndpointNotFound",
+           "Interrupted", "CallError", "TransientCallError", "Throttled", "PermanentCallError", "NotFound", "BadResponse", "InvalidRow"]

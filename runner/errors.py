@@ -39,8 +39,9 @@ class SinkError(RunnerError):
 
 class OutputConflict(SinkError):
     """The output holds another run's work this command would not take: a finished output (without
-    --overwrite or --retry-failed), or an unfinished run of a different job. Nothing was run, so it is a
-    usage problem (exit 2), not a stopped run."""
+    --overwrite or --retry-failed), an unfinished run of a different job, batches that --restart would lose
+    or an online run would pay for twice. Nothing was run, so it is a usage problem (exit 2), not a stopped
+    run."""
 
     exit_code = 2
 

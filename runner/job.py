@@ -51,7 +51,8 @@ def job_fingerprint(spec: JobSpec) -> dict[str, str]:
         "rows": f"{inp.id_column}|{inp.prompt_column}|{inp.messages_column}|{inp.template}|{inp.system_prompt}",
         "overrides": f"{inp.model_column}|{inp.params_column}",
         "keep_columns": ",".join(inp.keep_columns),
-        "endpoint": f"{spec.endpoint.dialect} {EMULATOR_ENDPOINT if spec.endpoint.emulator else base_url(spec.endpoint)}",
+        "endpoint": f"{spec.endpoint.dialect} "
+                    f"{EMULATOR_ENDPOINT if spec.endpoint.emulator else base_url(spec.endpoint)}",
         "model": spec.model.name,
         "params": json.dumps(dict(spec.model.params), sort_keys=True, default=str),
         "stream": f"{spec.model.stream} {','.join(spec.model.stream_only_models)}",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..endpoints import base_url
-from ..errors import RunnerError
+from ..errors import OutputConflict, RunnerError
 from .state import BatchState
 
 if TYPE_CHECKING:
@@ -91,11 +91,11 @@ def guard_pending_batches(spec: JobSpec, *, restart: bool, online: bool) -> None
         return
     if restart and state.live:
         live = state.live
-        raise RunnerError(f"{spec.output.path}: {len(live)} batch(es) of this job are still running "
+        raise OutputConflict(f"{spec.output.path}: {len(live)} batch(es) of this job are still running "
                           f"({', '.join(r.batch_id or '' for r in live)}); --restart would lose them",
                           hint=f"cancel them first with `{job_command(spec, 'cancel')}`, or let them finish")
     if online and not restart and state.pending:
-        raise RunnerError(f"{spec.output.path}: {len(state.pending)} batch(es) of this job are not joined yet; "
+        raise OutputConflict(f"{spec.output.path}: {len(state.pending)} batch(es) of this job are not joined yet; "
                           "sending their rows online would pay for them twice",
                           hint=f"run `{job_command(spec, 'run', '--mode', 'batch')}` to pick them up (or "
                                f"`{job_command(spec, 'cancel')}` first), then --mode online with --retry-failed for "
