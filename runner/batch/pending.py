@@ -92,14 +92,14 @@ def guard_pending_batches(spec: JobSpec, *, restart: bool, online: bool) -> None
     if restart and state.live:
         live = state.live
         raise OutputConflict(f"{spec.output.path}: {len(live)} batch(es) of this job are still running "
-                          f"({', '.join(r.batch_id or '' for r in live)}); --restart would lose them",
-                          hint=f"cancel them first with `{job_command(spec, 'cancel')}`, or let them finish")
+                             f"({', '.join(r.batch_id or '' for r in live)}); --restart would lose them",
+                             hint=f"cancel them first with `{job_command(spec, 'cancel')}`, or let them finish")
     if online and not restart and state.pending:
         raise OutputConflict(f"{spec.output.path}: {len(state.pending)} batch(es) of this job are not joined yet; "
-                          "sending their rows online would pay for them twice",
-                          hint=f"run `{job_command(spec, 'run', '--mode', 'batch')}` to pick them up (or "
-                               f"`{job_command(spec, 'cancel')}` first), then --mode online with --retry-failed for "
-                               "what they did not answer")
+                             "sending their rows online would pay for them twice",
+                             hint=f"run `{job_command(spec, 'run', '--mode', 'batch')}` to pick them up (or "
+                                  f"`{job_command(spec, 'cancel')}` first), then --mode online with --retry-failed "
+                                  "for what they did not answer")
 
 
 def describe_batches(state: BatchState) -> list[dict[str, Any]]:
