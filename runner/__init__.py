@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (AuthError, BadResponse, CallError, EndpointNotFound, Interrupted, InvalidRow, NotFound,
-                     PermanentCallError, QuotaExhausted, RunnerError, SinkError, SourceError, SpecError, Throttled,
-                     TransientCallError)
+                     OutputConflict, PermanentCallError, QuotaExhausted, RunnerError, SinkError, SourceError, SpecError,
+                     Throttled, TransientCallError)
 
 if TYPE_CHECKING:
     from .job import run_job
@@ -30,5 +30,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["run_job", "load_job", "JobSpec", "RunSummary", "summarize_file", "RunnerError", "SpecError",
-           "SourceError", "SinkError", "AuthError", "QuotaExhausted", "EndpointNotFound", "Interrupted", "CallError",
-           "TransientCallError", "Throttled", "PermanentCallError", "NotFound", "BadResponse", "InvalidRow"]
+           "SourceError", "SinkError", "OutputConflict", "AuthError", "QuotaExhausted", "EndpointNotFound",
+           "Interrupted", "CallError", "TransientCallError", "Throttled", "PermanentCallError", "NotFound", "BadResponse", "InvalidRow"]

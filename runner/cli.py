@@ -5,6 +5,7 @@ Heavy modules (pyarrow, httpx, the job and its executors) are imported inside th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -65,6 +66,11 @@ def _job_overrides(func: Callable) -> Callable:
         click.option("--mode", type=click.Choice(["online", "batch"]),
                      help="Send rows one request each (online) or through the Batch API at batch prices "
                           "(overrides [run] mode)."),
+        click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed."),
+        click.option("--max-cost", type=float,
+                     help="Hard budget in the price table's currency (overrides [run] max_cost)."),
+        click.option("--rpm", type=float, help="Requests per minute allowed per model (overrides [run] rpm)."),
+        click.option("--tpm", type=float, help="Tokens per minute allowed per model (overrides [run] tpm)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -92,11 +98,7 @@ def _load(job: str, **overrides: Any):
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @_job_overrides
-@click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed.")
-@click.option("--max-cost", type=float, help="Hard budget in the price table's currency (overrides [run] max_cost).")
 @click.option("--dry-run", is_flag=True, help="Render every request into <output>.requests.jsonl (no key) and send nothing.")
-@click.option("--rpm", type=float, help="Requests per minute allowed per model (overrides [run] rpm).")
-@click.option("--tpm", type=float, help="Tokens per minute allowed per model (overrides [run] tpm).")
 @click.option("--overwrite", is_flag=True, help="Replace an output file left by a finished run.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run's committed rows and start over.")
 @click.option("--retry-failed", type=click.Choice(["transient", "all", "none"]),
@@ -136,6 +138,7 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
         emulator = Emulator(EmulatorConfig(batch_time_scale=60.0, batch_phase_seconds=60.0)).start()
         base = emulator.openai_base_url if spec.endpoint.dialect == "openai" else emulator.dashscope_base_url
         spec = spec.override(base_url=base)
+        spec = dataclasses.replace(spec, endpoint=dataclasses.replace(spec.endpoint, emulator=True))
         if spec.run.mode == "batch":
             spec = spec.override(batch_poll_seconds=0.5)
         api_key = ApiKey(EMULATOR_KEY)
@@ -179,6 +182,11 @@ def validate(job: str, show: int, fail_on_empty: bool, **overrides: Any) -> int:
     _check_not_empty(spec, fail_on_empty)
     report = validate_job(spec, show=show)
     click.echo(report.render())
+    if report.output_unwritable:  # the code `runner run` would stop with
+        click.echo(f"error: {spec.output.path.parent}: output folder is not writable ({report.output_unwritable})",
+                   err=True)
+        click.echo("hint: choose another --output, or make the folder writable", err=True)
+        return EXIT_FATAL
     if report.rows and report.invalid / report.rows > spec.run.max_error_rate:
         return EXIT_TOO_MANY_FAILED
     return EXIT_OK
@@ -200,26 +208,45 @@ def _batch_api_call(spec, call):
     return anyio.run(main_)
 
 
+def _batch_job(job: str, output: str | None, base_url: str | None):
+    """The job and its batch state, pointed at the endpoint the run that created the batches recorded
+    (a --base-url given here wins): the batches live there, not on the job file's default host."""
+    from .batch.pending import load_state
+
+    spec = _load(job, output=output, base_url=base_url)
+    state = load_state(spec)
+    recorded = state.endpoint or {}
+    if recorded.get("emulator") and base_url is None:
+        spec = dataclasses.replace(spec, endpoint=dataclasses.replace(spec.endpoint, emulator=True))
+    elif base_url is None and recorded.get("base_url") and recorded.get("dialect", spec.endpoint.dialect) \
+            == spec.endpoint.dialect:
+        spec = spec.override(base_url=recorded["base_url"])
+    return spec, state
+
+
+EMULATOR_GONE = ("these batches ran in the built-in emulator of a `runner run --emulator` rehearsal, which "
+                 "stopped with it")
+
+
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--output", type=click.Path(dir_okay=False), help="Output Parquet path (overrides [output] path).")
-@click.option("--base-url", help="Endpoint base URL (overrides [endpoint] base_url).")
+@click.option("--base-url", help="Endpoint base URL (default: the one the run that created the batches used).")
 @click.option("--offline", is_flag=True, help="Show what the last run recorded; ask the server nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the batches as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the output's state and its batches as JSON (always).")
 @_funnel
 def status(job: str, output: str | None, base_url: str | None, offline: bool, as_json: bool) -> int:
     """Show each batch of JOB (batch mode): its state and request counts, fresh from the server. Never waits."""
     import json
 
-    from .batch.pending import describe_batches, load_state
+    from .batch.pending import describe_batches, job_command
+    from .endpoints import base_url as endpoint_url
 
-    spec = _load(job, output=output, base_url=base_url)
-    state = load_state(spec)
-    if not state.records:
-        where = "finished: " if spec.output.path.exists() else "no batches recorded for "
-        click.echo(f"{where}{spec.output.path}")
-        return EXIT_OK
+    spec, state = _batch_job(job, output, base_url)
     live = state.live
+    if live and not offline and spec.endpoint.emulator:
+        offline = True
+        click.echo(f"{EMULATOR_GONE}: showing what the run recorded", err=True)
     if live and not offline:
         from .endpoints import resolve_api_key
         from .errors import SpecError
@@ -229,17 +256,27 @@ def status(job: str, output: str | None, base_url: str | None, offline: bool, as
         except SpecError as error:  # its message names the variable or file, never the key
             offline = True
             click.echo(f"{error.message}: showing what the last run recorded", err=True)
-    if live and not offline:
+    asked = bool(live) and not offline
+    if asked:
         async def refresh(api):
             for record in live:
                 record.update(await api.retrieve(record.batch_id))
         _batch_api_call(spec, refresh)  # shown, not saved: the state belongs to the run
+    finished = spec.output.path.exists()
     if as_json:
-        click.echo(json.dumps(describe_batches(state), indent=2))
+        click.echo(json.dumps({
+            "output": str(spec.output.path), "finished": finished,
+            "endpoint": "emulator" if spec.endpoint.emulator else endpoint_url(spec.endpoint),
+            "from_server": asked, "running": len(state.live), "batches": describe_batches(state)}, indent=2))
         return EXIT_OK
+    if not state.records:
+        where = "finished: " if finished else "no batches recorded for "
+        click.echo(f"{where}{spec.output.path}")
+        return EXIT_OK
+    rerun = job_command(spec, "run")
     for record in state.records:
         step = "joined into the output" if record.joined else "downloaded, not joined yet" if record.downloaded \
-            else "waiting for `runner run` to pick it up" if record.terminal or record.status in (None, "rejected") \
+            else f"waiting for `{rerun}` to pick it up" if record.terminal or record.status in (None, "rejected") \
             else "running"
         click.echo(f"{record.describe()}  ({step})")
     click.echo(f"{len(state.records)} batch(es), {len(state.live)} running; "
@@ -250,30 +287,44 @@ def status(job: str, output: str | None, base_url: str | None, offline: bool, as
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--output", type=click.Path(dir_okay=False), help="Output Parquet path (overrides [output] path).")
-@click.option("--base-url", help="Endpoint base URL (overrides [endpoint] base_url).")
+@click.option("--base-url", help="Endpoint base URL (default: the one the run that created the batches used).")
 @_funnel
 def cancel(job: str, output: str | None, base_url: str | None) -> int:
     """Cancel the running batches of JOB. The next `runner run JOB` joins what they finished."""
-    from .batch.api import BatchApiError
-    from .batch.pending import load_state
+    from .batch.pending import job_command
 
-    spec = _load(job, output=output, base_url=base_url)
-    live = load_state(spec).live
+    spec, state = _batch_job(job, output, base_url)
+    live = state.live
     if not live:
         click.echo(f"no running batches for {spec.output.path}")
         return EXIT_OK
+    if spec.endpoint.emulator:
+        raise RunnerError(f"{spec.output.path}: {EMULATOR_GONE}; nothing can be cancelled",
+                          hint=f"`{job_command(spec, 'status', '--offline')}` shows what the run recorded")
+    cancelled: list[str] = []
+    failed: list[str] = []
 
     async def cancel_all(api):
         for record in live:
             try:
                 record.update(await api.cancel(record.batch_id))
-                click.echo(f"{record.name}: {record.batch_id} {record.status}")
-            except BatchApiError as error:
+            except RunnerError as error:  # one batch's failure must not hide the others' outcome
+                failed.append(record.name)
                 click.echo(f"{record.name}: {record.batch_id} not cancelled ({error.message})")
+            else:
+                cancelled.append(record.name)
+                click.echo(f"{record.name}: {record.batch_id} {record.status}")
 
     _batch_api_call(spec, cancel_all)
-    click.echo(f"run `runner run {job}` to join what they finished; their other rows are recorded as cancelled",
-               err=True)
+    if cancelled:
+        click.echo(f"run `{job_command(spec, 'run')}` to join what {', '.join(cancelled)} finished; their other "
+                   "rows are recorded as cancelled", err=True)
+    if failed:
+        click.echo(f"error: {len(failed)} of {len(live)} batch(es) not cancelled ({', '.join(failed)}); "
+                   + (f"cancelled: {', '.join(cancelled)}" if cancelled else "none was cancelled"), err=True)
+        click.echo(f"hint: they keep running; `{job_command(spec, 'cancel')}` tries again, "
+                   f"`{job_command(spec, 'status')}` shows them", err=True)
+        return EXIT_FATAL
     return EXIT_OK
 
 

@@ -37,6 +37,15 @@ class SinkError(RunnerError):
     exit_code = 1
 
 
+class OutputConflict(SinkError):
+    """The output holds another run's work this command would not take: a finished output (without
+    --overwrite or --retry-failed), an unfinished run of a different job, batches that --restart would lose
+    or an online run would pay for twice. Nothing was run, so it is a usage problem (exit 2), not a stopped
+    run."""
+
+    exit_code = 2
+
+
 class AuthError(RunnerError):
     """The endpoint rejects the key itself (wrong key, wrong region, workspace): no row can succeed."""
 
@@ -129,6 +138,7 @@ __all__ = [
     "SpecError",
     "SourceError",
     "SinkError",
+    "OutputConflict",
     "AuthError",
     "QuotaExhausted",
     "EndpointNotFound",

@@ -37,6 +37,11 @@ __all__ = ["run_job", "job_fingerprint", "open_sink", "executor_for", "ResultCal
            "NoticeCallback"]
 
 
+# What the fingerprint records for a `--emulator` rehearsal: the emulator takes a new port every run, and a
+# rerun of the same rehearsal (after Ctrl-C, a budget stop, --retry-failed) must resume, not be refused.
+EMULATOR_ENDPOINT = "the built-in emulator"
+
+
 def job_fingerprint(spec: JobSpec) -> dict[str, str]:
     """Everything that shapes every request, so a rerun only resumes the same job. Changes to single
     input rows are caught row by row (Request.digest), so an edited or grown input resumes."""
@@ -46,7 +51,8 @@ def job_fingerprint(spec: JobSpec) -> dict[str, str]:
         "rows": f"{inp.id_column}|{inp.prompt_column}|{inp.messages_column}|{inp.template}|{inp.system_prompt}",
         "overrides": f"{inp.model_column}|{inp.params_column}",
         "keep_columns": ",".join(inp.keep_columns),
-        "endpoint": f"{spec.endpoint.dialect} {base_url(spec.endpoint)}",
+        "endpoint": f"{spec.endpoint.dialect} "
+                    f"{EMULATOR_ENDPOINT if spec.endpoint.emulator else base_url(spec.endpoint)}",
         "model": spec.model.name,
         "params": json.dumps(dict(spec.model.params), sort_keys=True, default=str),
         "stream": f"{spec.model.stream} {','.join(spec.model.stream_only_models)}",

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import SinkError
+from .errors import OutputConflict, SinkError
 from .files import os_errors, os_hint, os_reason, remove_quietly, sink_error, write_file_atomic
 from .journal import Journal, replay
 from .records import REQUEST_HASH_FIELD, Result, results_to_table
@@ -180,7 +180,7 @@ class ParquetSink:
             raise SinkError(f"{self.output.parent}: output folder is not writable ({exc.strerror or exc})") from None
         reopening = self.output.exists() and not overwrite
         if reopening and not reopen:
-            raise SinkError(f"{self.output}: output already exists (a finished run)",
+            raise OutputConflict(f"{self.output}: output already exists (a finished run)",
                             hint="pass --retry-failed transient (or all) to send its failed rows again, --overwrite "
                                  "to run the whole job again and replace it, or choose another --output")
         with os_errors(self.parts_dir, "cannot create the parts folder"):
@@ -218,7 +218,7 @@ class ParquetSink:
         if changed:
             detail = f"it was written for a different job ({', '.join(changed)} changed)" if previous else \
                 "it does not record which job wrote it"
-            raise SinkError(f"{self.output}: cannot send its failed rows again: {detail}",
+            raise OutputConflict(f"{self.output}: cannot send its failed rows again: {detail}",
                             hint="pass --overwrite to run the whole job again, or choose another --output")
         first = self.parts_dir / "part-000000.parquet"
         try:
@@ -275,7 +275,7 @@ class ParquetSink:
         changed = self._changed_keys(previous)
         if changed:
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in changed)
-            raise SinkError(f"{self.output}: an unfinished run of a different job is in {self.parts_dir.name}/ "
+            raise OutputConflict(f"{self.output}: an unfinished run of a different job is in {self.parts_dir.name}/ "
                             f"({details})",
                             hint="pass --restart to discard it and start over, or choose another --output")
 

@@ -78,6 +78,9 @@ class EndpointSpec:
     stream_idle_timeout: float = 60.0
     read_timeout: float = 30.0
     transport: str = "aiohttp"
+    # Set by `runner run --emulator` (never by a job file): base_url is the built-in emulator's, whose port
+    # changes every run, so the job fingerprint names the emulator instead of the URL.
+    emulator: bool = False
 
 
 @dataclass(frozen=True)

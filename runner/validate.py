@@ -46,7 +46,9 @@ class ValidationReport:
     prices_as_of: str | None = None
     unpriced_models: set = field(default_factory=set)
     output_exists: bool = False
+    output_unwritable: str | None = None  # why `runner run` could not write the output folder
     unfinished_run: bool = False
+    unfinished_changes: list[str] = field(default_factory=list)  # fingerprint keys an unfinished run differs in
     batch_files: Counter = field(default_factory=Counter)  # batch mode: (model, enable_thinking) -> files
 
     def render(self) -> str:
@@ -91,8 +93,14 @@ class ValidationReport:
         else:
             lines.append(f"warning    {key_env} is not set: `runner run` needs it (or --emulator to rehearse)")
         out = spec.output.path
+        if self.output_unwritable:
+            lines.append(f"error      {out.parent}: output folder is not writable ({self.output_unwritable}): "
+                         "`runner run` would stop at once")
         if self.output_exists:
             lines.append(f"warning    {out} exists: `runner run` needs --overwrite to replace it")
+        elif self.unfinished_run and self.unfinished_changes:
+            lines.append(f"warning    {out}: an unfinished run of a different job is there "
+                         f"({', '.join(self.unfinished_changes)} changed): `runner run` needs --restart")
         elif self.unfinished_run:
             lines.append(f"output     {out} (an unfinished run is there: `runner run` resumes it)")
         else:
@@ -184,8 +192,39 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
         report.api_key_problem = error.message
     report.base_url_problem = base_url_problem(spec.endpoint)
     report.output_exists = spec.output.path.exists()
-    report.unfinished_run = spec.output.path.with_name(spec.output.path.name + ".parts").exists()
+    report.output_unwritable = output_folder_problem(spec.output.path)
+    parts = spec.output.path.with_name(spec.output.path.name + ".parts")
+    report.unfinished_run = parts.exists()
+    if report.unfinished_run:
+        report.unfinished_changes = _unfinished_changes(spec, parts)
     return report
+
+
+def output_folder_problem(output: Path) -> str | None:
+    """Why `runner run` could not write `output`'s folder, or None; creates nothing. A folder that does not
+    exist yet is fine when its nearest existing ancestor is a writable folder (the run creates it)."""
+    folder = output.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "permission denied"
+    return None
+
+
+def _unfinished_changes(spec: JobSpec, parts: Path) -> list[str]:
+    """The fingerprint keys in which the unfinished run in `parts` differs from this job (as `runner run`
+    checks them); nothing when it records none (the run starts over or resumes as it finds it)."""
+    from .job import job_fingerprint
+    from .sink import MANIFEST
+
+    try:
+        previous = json.loads((parts / MANIFEST).read_text(encoding="utf-8")).get("fingerprint") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    current = job_fingerprint(spec)
+    return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
 
 
 class _BatchFileCount:

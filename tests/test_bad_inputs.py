@@ -284,13 +284,13 @@ def test_output_under_a_regular_file_is_one_line(tmp_path):
 
 
 def test_finished_output_is_not_overwritten(tmp_path):
-    """An output left by a finished run is exit 1 with a hint, not replaced."""
+    """An output left by a finished run is exit 2 (nothing was run) with a hint, not replaced."""
     write_prompts(tmp_path / "prompts.jsonl", 3)
     job = make_job(tmp_path, endpoint=NOWHERE)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "result.parquet").write_bytes(b"finished earlier")
     result = _invoke("run", str(job))
-    assert "output already exists" in _one_error_line(result, 1) and "--overwrite" in result.stderr
+    assert "output already exists" in _one_error_line(result, 2) and "--overwrite" in result.stderr
 
 
 # -- bad rows: error rows, the good rows answered, nothing bad sent --------------------------------------

@@ -136,15 +136,15 @@ def test_kill_after_creation_never_creates_a_second_batch(tmp_path):
         assert status.code == 0, status.stderr
         assert status.stdout.count("validating") == 3 and "3 batch(es), 3 running" in status.stdout
         listed = json.loads(run_cli("status", str(job), "--json").stdout)
-        assert [b["rows"] for b in listed] == [250, 250, 100]
+        assert [b["rows"] for b in listed["batches"]] == [250, 250, 100] and listed["from_server"]
         keyless = run_cli("status", str(job), key=None)
         assert keyless.code == 0 and "is not set: showing what the last run recorded" in keyless.stderr
         assert keyless.stdout.count("validating") == 3
         # --restart would orphan them, an online run would pay for their rows twice: both refused.
         restart = run_cli("run", str(job), "--restart", "--quiet")
-        assert restart.code == 1 and "still running" in restart.stderr
+        assert restart.code == 2 and "still running" in restart.stderr
         online = run_cli("run", str(job), "--mode", "online", "--quiet")
-        assert online.code == 1 and "pay for them twice" in online.stderr
+        assert online.code == 2 and "pay for them twice" in online.stderr
         assert emu.stats(keys=False)["requests"] == 0
 
         clock.advance(1000)  # every batch completes

@@ -113,13 +113,13 @@ def test_changed_job_is_refused_and_restart_starts_over(tmp_path, make_emulator)
     job = make_job(tmp_path, emu, run={"concurrency": 4, "part_seconds": 0.2})
     _interrupted_run(tmp_path, emu, job)
     changed_model = run_cli("run", str(job), "--model", "qwen-max")
-    assert changed_model.code == 1
+    assert changed_model.code == 2
     assert "model: 'qwen-plus' -> 'qwen-max'" in changed_model.stderr and "--restart" in changed_model.stderr
     templated = make_job(tmp_path, emu, input={"path": "prompts.jsonl", "id_column": "id",
                                                "template": "Please answer: {prompt}"},
                          run={"concurrency": 4})
     changed_template = run_cli("run", str(templated))
-    assert changed_template.code == 1 and "rows:" in changed_template.stderr
+    assert changed_template.code == 2 and "rows:" in changed_template.stderr
     restarted = run_cli("run", str(job), "--model", "qwen-max", "--restart", "--concurrency", "32")
     assert restarted.code == 0, restarted.stderr
     rows = read_output(tmp_path / "out/result.parquet")
@@ -186,13 +186,13 @@ def test_retry_failed_by_name_reopens_a_finished_output(tmp_path, make_emulator)
     failed = [r["row_id"] for r in read_output(out) if r["status"] == "error"]
     assert 20 < len(failed) < 120
     plain = run_cli("run", str(job), "--quiet")
-    assert plain.code == 1 and "--retry-failed transient" in plain.stderr
+    assert plain.code == 2 and "--retry-failed transient" in plain.stderr
     other_model = run_cli("run", str(job), "--retry-failed", "transient", "--model", "qwen-max", "--quiet")
-    assert other_model.code == 1 and "different job (model changed)" in other_model.stderr
+    assert other_model.code == 2 and "different job (model changed)" in other_model.stderr
 
     healthy = make_emulator()
     again = run_cli("run", str(job), "--retry-failed", "transient", "--base-url", healthy.openai_base_url)
-    assert again.code == 1 and "different job (endpoint changed)" in again.stderr
+    assert again.code == 2 and "different job (endpoint changed)" in again.stderr
     failing.stop()
     with Emulator(EmulatorConfig(), port=failing.port) as same_address:
         again = run_cli("run", str(job), "--retry-failed", "transient")

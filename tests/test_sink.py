@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pyarrow.parquet as pq
 import pytest
 
-from runner.errors import SinkError
+from runner.errors import OutputConflict, SinkError
 from runner.records import Result, Usage, result_schema
 from runner.journal import decode, encode
 from runner.sink import DoneRows, ParquetSink
@@ -122,7 +122,7 @@ def test_changed_job_is_refused_and_restart_starts_over(tmp_path):
     sink = _sink(tmp_path)
     sink.write(_result(0))
     sink.close()
-    with pytest.raises(SinkError, match=r"model: 'qwen-plus' -> 'qwen-max'") as info:
+    with pytest.raises(OutputConflict, match=r"model: 'qwen-plus' -> 'qwen-max'") as info:
         _sink(tmp_path, fingerprint={**FP, "model": "qwen-max"})
     assert "--restart" in info.value.hint
     fresh = _sink(tmp_path, fingerprint={**FP, "model": "qwen-max"}, restart=True)
@@ -134,7 +134,7 @@ def test_finished_output_is_not_overwritten(tmp_path):
     sink = _sink(tmp_path)
     sink.write(_result(0))
     sink.finalize(1)
-    with pytest.raises(SinkError, match="already exists") as info:
+    with pytest.raises(OutputConflict, match="already exists") as info:
         _sink(tmp_path)
     assert "--overwrite" in info.value.hint
     again = _sink(tmp_path, overwrite=True)

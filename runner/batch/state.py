@@ -98,10 +98,14 @@ class BatchRecord:
 class BatchState:
     """The batch records of one output, loaded from and saved to its parts folder."""
 
-    def __init__(self, folder: Path, records: list[BatchRecord], first_created_at: float | None = None) -> None:
+    def __init__(self, folder: Path, records: list[BatchRecord], first_created_at: float | None = None,
+                 endpoint: dict[str, Any] | None = None) -> None:
         self.folder = folder
         self.records = records
         self.first_created_at = first_created_at
+        # Where the batches live: {"dialect", "base_url", "emulator"} of the run that created them, so
+        # `runner status` / `cancel` ask that server, not the job file's default host.
+        self.endpoint = endpoint
 
     @classmethod
     def load(cls, folder: Path) -> "BatchState":
@@ -116,12 +120,13 @@ class BatchState:
                                  "console before using --restart") from None
         fields = {f.name for f in dataclasses.fields(BatchRecord)}
         records = [BatchRecord(**{k: v for k, v in item.items() if k in fields}) for item in data.get("batches", ())]
-        return cls(folder, records, data.get("first_created_at"))
+        endpoint = data.get("endpoint")
+        return cls(folder, records, data.get("first_created_at"), endpoint if isinstance(endpoint, dict) else None)
 
     def save(self) -> None:
         path = self.folder / STATE_FILE
         tmp = path.with_name("." + path.name + ".tmp")
-        data = {"first_created_at": self.first_created_at, "saved_at": time.time(),
+        data = {"first_created_at": self.first_created_at, "saved_at": time.time(), "endpoint": self.endpoint,
                 "batches": [dataclasses.asdict(r) for r in self.records]}
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=1)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from ..batch.api import BatchApi, BatchApiError
 from ..batch.join import join_batch
 from ..batch.render import covered_rows, plan_batches
+from ..batch.pending import forget_emulator_batches, recorded_endpoint, status_and_cancel_hint
 from ..batch.state import BatchRecord, BatchState
 from ..cost import BudgetReached, PriceBook
 from ..errors import Interrupted
@@ -52,6 +53,11 @@ class BatchExecutor:
     async def run(self, job: JobRun, stop: Stop) -> Finish:
         spec, source, sink = job.spec, job.source, job.sink
         state = BatchState.load(sink.parts_dir)
+        freed = forget_emulator_batches(spec, state)
+        if freed:
+            job.notice(f"{freed:,} rows were in batches of an earlier rehearsal's emulator, gone with it: "
+                       "sending them again")
+        state.endpoint = recorded_endpoint(spec)  # saved with the next change, before any batch is created
         if not state.records:
             job.announce_resume()
         job.started(None)
@@ -70,11 +76,11 @@ class BatchExecutor:
             with stop.cancelled_on_request():
                 await tracker.run()
         if stop.requested:
-            name = spec.source or "JOB"
-            raise Interrupted(f"stopped by {stop.signal_name}: the batches of this job keep running on the server "
+            where = "end with this rehearsal's emulator (a rerun sends their rows again)" if spec.endpoint.emulator \
+                else "keep running on the server"
+            raise Interrupted(f"stopped by {stop.signal_name}: the batches of this job {where} "
                               "and everything received so far is committed",
-                              hint=f"run the same command again to pick them up; `runner status {name}` shows them, "
-                                   f"`runner cancel {name}` cancels them")
+                              hint=f"run the same command again to pick them up; {status_and_cancel_hint(spec)}")
         if plan.over_budget:
             raise BudgetReached(f"[run] max_cost {spec.run.max_cost:g} {job.prices.currency}: {plan.over_budget:,} "
                                 "rows were not sent, their worst-case cost would cross it",
