@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until
 
-IGNORED = {"started_at", "finished_at", "latency_ms", "time_to_first_token_ms", "request_id", "error_message"}
+IGNORED = {"started_at", "finished_at", "latency_ms", "duration_ms", "time_to_first_token_ms", "request_id", "error_message"}
 NOWHERE = {"base_url": "http://127.0.0.1:9/compatible-mode/v1"}  # nothing listens: nothing may be sent
 
 
