@@ -270,8 +270,9 @@ class Progress:
         # freeze when no row finishes).
         # tqdm draws only when asked (`_refresh_bar`), so a line never shows a new count with old figures.
         fmt = "{n_fmt}/{total_fmt} |{bar}| {desc}" if self.total is not None else "{n_fmt} rows {desc}"
+        # nrows: tqdm takes a terminal that reports 0 rows (a bare pty) as having no room for any bar.
         self.bar = tqdm(total=self.total, initial=self.done_before, unit="row", file=self.stream,
-                        dynamic_ncols=False, ncols=self._width(), bar_format=fmt, mininterval=3600)
+                        dynamic_ncols=False, ncols=self._width(), nrows=24, bar_format=fmt, mininterval=3600)
 
     def _refresh_bar(self, now: float, *, final: bool = False) -> None:
         self._last_refresh = now

@@ -71,6 +71,21 @@ def test_json_log_lines_parse_with_the_documented_keys(tmp_path, make_emulator):
     assert done == sorted(done)
 
 
+def test_log_lines_keep_coming_while_a_slow_request_holds_the_tail(tmp_path, make_emulator):
+    """A request answered only after 4 s: log lines keep coming meanwhile, showing it in flight with its age."""
+    emu = make_emulator(fail_first=1, fail_first_fault="slow", slow_ms=4000)
+    write_prompts(tmp_path / "prompts.jsonl", 10)
+    job = make_job(tmp_path, emu, run={"concurrency": 4})
+    code, err = _run_to_file(tmp_path, str(job), "--log-every", "1", "--log-format", "json")
+    assert code == 0, err
+    objects = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    stalled = [o for o in objects if o["event"] == "progress" and o["rows_done"] == 9 and o["in_flight"] == 1]
+    assert len(stalled) >= 2, objects  # nothing finished between them, and they were written anyway
+    ages = [o["oldest_in_flight_seconds"] for o in stalled]
+    assert ages == sorted(ages) and ages[-1] > ages[0]
+    assert objects[-1]["rows_done"] == 10 and objects[-1]["in_flight"] == 0
+
+
 def test_resumed_run_counts_the_whole_job(tmp_path, make_emulator):
     """After a resume, rows done and the cost include the earlier run's rows; this run's part is labelled."""
     emu = make_emulator()
