@@ -185,3 +185,25 @@ def test_bar_fields_keep_cost_and_eta_when_room_is_short():
     assert "inflight=3 oldest=1m15s" in narrow
     young = bar_fields(replace(snap, oldest_in_flight_seconds=2), 60, resumed=True)
     assert "inflight" not in young and "run ok=290 failed=10" in young
+
+
+def test_limiter_counts_requests_in_flight_until_any_answer():
+    """Every kind of answer (success, 429, other failure) takes a request out of flight; the oldest is first."""
+    clock = _Clock()
+    limiter = LocalRateLimiter(limits_table(Limits(None, None), {}), adaptive=False, clock=clock)
+
+    async def send_three():
+        sent = []
+        for _ in range(3):
+            sent.append(await limiter.acquire("qwen-plus", 10))
+            clock.now += 5
+        return sent
+
+    first, second, third = anyio.run(send_three)
+    assert limiter.in_flight() == (3, 15)
+    limiter.report_throttled("qwen-plus", "limit_requests", None, first)
+    assert limiter.in_flight() == (2, 10)
+    limiter.report_failure("qwen-plus", third)
+    assert limiter.in_flight() == (1, 10)
+    limiter.report_success("qwen-plus", second)
+    assert limiter.in_flight() == (0, None)
