@@ -106,17 +106,26 @@ def _load(job: str, **overrides: Any):
                    "ones (the default online), all, or none (the default in batch mode).")
 @click.option("--emulator", "use_emulator", is_flag=True,
               help="Rehearse against the built-in DashScope emulator on loopback (no key, no network).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no log lines and no summary.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "log", "off"]), default="auto",
+              show_default=True, help="How progress is shown on stderr: a bar, log lines (cron, CI), or not at all; "
+                                      "auto: a bar on a terminal, log lines otherwise.")
+@click.option("--log-every", type=click.FloatRange(min=0.1), default=30.0, show_default=True, metavar="SECONDS",
+              help="Seconds between progress log lines (there is always one at the start and one at the end).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Progress log lines as text or as one JSON object a line.")
 @_fail_on_empty_option
 @_funnel
 def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_emulator: bool, quiet: bool,
-        dry_run: bool, fail_on_empty: bool, **overrides: Any) -> int:
+        dry_run: bool, progress_mode: str, log_every: float, log_format: str, fail_on_empty: bool,
+        **overrides: Any) -> int:
     """Send every row of JOB and write the results to Parquet (resumes an unfinished run)."""
     import gc
 
     import anyio
 
     from .job import run_job
+    from .progress import Progress, resolve_mode, run_with_progress
 
     spec = _load(job, **overrides)
     _check_not_empty(spec, fail_on_empty)
@@ -144,13 +153,14 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
         api_key = ApiKey(EMULATOR_KEY)
         if not quiet:
             click.echo(f"rehearsing against the built-in emulator at {base}", err=True)
-    progress = _Progress(enabled=not quiet and sys.stderr.isatty())
+    progress = Progress(resolve_mode(progress_mode, quiet=quiet, stream=sys.stderr), log_every=log_every,
+                        log_format=log_format)
     # The requests in flight hold a few hundred objects each, and a run leaves almost no cyclic garbage
     # (about one object a row), so the default threshold (700 new objects) only had the GC walk the same
     # live objects over and over: 2,400 collections and a third of the CPU for 20,000 rows at 1,024 in flight.
     gc.set_threshold(50_000)
     try:
-        summary = anyio.run(functools.partial(
+        summary = anyio.run(run_with_progress, progress, functools.partial(
             run_job, spec, api_key=api_key, on_start=progress.start, on_result=progress.update,
             on_notice=None if quiet else progress.notice, overwrite=overwrite, restart=restart,
             retry_failed=retry_failed, handle_signals=True))
@@ -428,78 +438,6 @@ def emulator(host: str, port: int, latency_ms: float, jitter_ms: float, faults: 
         raise click.UsageError(str(exc)) from None
     run_forever(config, host, port)
     return EXIT_OK
-
-
-class _Progress:
-    """tqdm on stderr: rows done of total, ok/failed, requests/s and tokens; off when not a TTY or --quiet."""
-
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-        self.limiter = None
-        self.ok = self.failed = self.tokens = self.requests = 0
-        self.cost = 0.0
-        self._started = time.monotonic()
-        self._last_postfix = 0.0
-
-    def start(self, total: int | None, done: int, limiter) -> None:
-        self.limiter = limiter
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        try:
-            sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
-        except OSError:
-            sized = False
-        # A terminal that reports no width (some CI consoles, a bare pty) would get a zero-width bar.
-        self.bar = tqdm(total=total, initial=done, unit="row", file=sys.stderr, dynamic_ncols=sized,
-                        ncols=None if sized else 120, nrows=None if sized else 24, mininterval=0.2,
-                        smoothing=0.1)
-        self._started = time.monotonic()
-
-    def update(self, result) -> None:
-        if self.bar is None:
-            return
-        if result.ok:
-            self.ok += 1
-        else:
-            self.failed += 1
-        self.requests += result.attempts
-        self.tokens += result.usage.total_tokens or 0
-        self.cost += result.cost or 0.0
-        self.bar.update(1)
-        now = time.monotonic()
-        if now - self._last_postfix >= 0.5:
-            self._last_postfix = now
-            elapsed = max(now - self._started, 1e-6)
-            throttled = sum(self.limiter.throttled_by_code.values()) if self.limiter else 0
-            paused = self.limiter.gate.paused_seconds if self.limiter else 0.0
-            limit = self.limiter.rate_label() if self.limiter else "none"
-            self.bar.set_postfix_str(f"ok={self.ok:,} failed={self.failed:,} req/s={self.requests / elapsed:,.0f} "
-                                     f"tok/s={self.tokens / elapsed:,.0f} 429s={throttled:,} "
-                                     f"paused={paused:.1f}s "
-                                     f"cost={self.cost:,.4f}{self._projection()} limit={limit}",
-                                     refresh=False)
-
-    def _projection(self) -> str:
-        """The whole job's cost at this run's average per row (rows done by earlier runs are not counted)."""
-        rows = self.ok + self.failed
-        total = self.bar.total if self.bar is not None else None
-        if not self.cost or not rows or not total:
-            return ""
-        return f" (job ~{self.cost / rows * (total - self.bar.initial):,.4f})"
-
-    def notice(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            click.echo(message, err=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -199,6 +199,9 @@ class LocalRateLimiter:
         self._tokens: dict[str, TokenBucket | None] = {}
         self._adaptive: dict[str, AdaptiveRate] = {}
         self.throttled_by_code: Counter = Counter()
+        # Requests sent and not answered yet -> when they were sent; insertion order is send order, so the
+        # first entry is the oldest (what a progress display shows during a tail of hung requests).
+        self._unanswered: dict[tuple[str, int], float] = {}
 
     @property
     def rate_cuts(self) -> int:
@@ -243,7 +246,9 @@ class LocalRateLimiter:
             if wait <= 1e-9 and paced <= 0:
                 break
             await self._sleep(max(wait, min(paced, adaptive.recheck)))
-        return Sent(self._clock(), adaptive.sent())
+        sent = Sent(self._clock(), adaptive.sent())
+        self._unanswered[(model, sent.seq)] = sent.at
+        return sent
 
     def settle(self, model: str, delta_tokens: int) -> None:
         """The request used `delta_tokens` more (or, negative, fewer) than it reserved."""
@@ -252,15 +257,18 @@ class LocalRateLimiter:
             token_bucket.refund(-delta_tokens)
 
     def report_success(self, model: str, sent: Sent) -> None:
+        self._unanswered.pop((model, sent.seq), None)
         self._after_answer(self._buckets(model)[2].answered(sent.seq, accepted=True), sent)
 
     def report_throttled(self, model: str, code: str | None, retry_after: float | None, sent: Sent) -> None:
+        self._unanswered.pop((model, sent.seq), None)
         self.throttled_by_code[code or "429"] += 1
         cut = self._buckets(model)[2].answered(sent.seq, throttled=True, code=code)
         self._after_answer(cut, sent, retry_after)
 
     def report_failure(self, model: str, sent: Sent, retry_after: float | None = None) -> None:
         """Any other end of an attempt: an error answer (a 503 may carry Retry-After), a timeout, a cancel."""
+        self._unanswered.pop((model, sent.seq), None)
         self._after_answer(self._buckets(model)[2].answered(sent.seq), sent, retry_after)
 
     def _after_answer(self, cut: bool, sent: Sent, retry_after: float | None = None) -> None:
@@ -281,6 +289,11 @@ class LocalRateLimiter:
         if requests is not None:
             return requests.rate
         return adaptive.rate if adaptive.adjust else None
+
+    def in_flight(self) -> tuple[int, float | None]:
+        """Requests sent and not answered yet, and the oldest one's age in seconds (None when there is none)."""
+        oldest = next(iter(self._unanswered.values()), None)
+        return len(self._unanswered), (self._clock() - oldest if oldest is not None else None)
 
     def rate_label(self) -> str:
         """The current rate limit for a progress bar: requests/s summed over paced models, or "none"."""

@@ -249,7 +249,7 @@ def test_secret_never_leaks(tmp_path, make_emulator):
 
 
 def test_progress_bar_on_a_terminal_only(tmp_path, make_emulator):
-    """On a terminal stderr shows a progress bar with rows, ok/failed, rates and 429s; piped, none."""
+    """On a terminal stderr shows a progress bar with rows, ok/failed, rates and 429s; piped, log lines instead."""
     import os
     import pty
     import subprocess
@@ -279,4 +279,5 @@ def test_progress_bar_on_a_terminal_only(tmp_path, make_emulator):
     assert "100/100" in text and "row/s" in text and "429s=" in text and "ok=" in text
     assert "cost=" in text and "(job ~" in text
     piped = run_cli("run", str(job), "--overwrite")
-    assert "row/s" not in piped.stderr and "rows       100" in piped.stderr
+    assert "row/s" not in piped.stderr and "\r" not in piped.stderr and "rows       100" in piped.stderr
+    assert " end      rows 100/100 " in piped.stderr

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from ..spec import JobSpec
 
 ResultCallback = Callable[["Result"], None]
-StartCallback = Callable[[int | None, int, Any], None]  # total rows, rows already done, live counters (or None)
+# total rows, rows already done, live counters (the rate limiter, or None), what the rows already done cost
+StartCallback = Callable[[int | None, int, Any, float], None]
 NoticeCallback = Callable[[str], None]
 
 
@@ -69,9 +70,10 @@ class JobRun:
             self.on_result(result)
 
     def started(self, counters: Any = None) -> None:
-        """Tell the caller the run starts: rows in total, rows already done, live counters (the rate limiter)."""
+        """Tell the caller the run starts: rows in total, rows already done, live counters (the rate limiter),
+        and what the rows already done cost (so a progress display can project the whole job)."""
         if self.on_start is not None:
-            self.on_start(self.source.total, len(self.sink.done), counters)
+            self.on_start(self.source.total, len(self.sink.done), counters, self.sink.done_cost)
 
     def announce_resume(self) -> None:
         """Say how much an earlier run left done, if anything."""
