@@ -140,3 +140,17 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> Non
 
 def read_output(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
+
+
+def read_pty(master: int) -> bytes:
+    """Everything a child wrote to its pseudo-terminal, until it closed it."""
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    return output

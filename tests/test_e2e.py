@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import ROOT, make_job, read_output, run_cli, write_prompts
+from tests.helpers import ROOT, make_job, read_output, read_pty, run_cli, write_prompts
 
 FAULTS = {"429": 0.05, "429burst": 0.05, "500": 0.05, "503": 0.05}  # 10% throttling, 10% 5xx
 
@@ -264,15 +264,7 @@ def test_progress_bar_on_a_terminal_only(tmp_path, make_emulator):
     proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        output += chunk
+    output = read_pty(master)
     os.close(master)
     assert proc.wait(timeout=60) == 0
     text = output.decode(errors="replace")

@@ -14,7 +14,7 @@ import anyio
 from runner.progress import Progress, Snapshot, bar_fields
 from runner.ratelimit import Limits, LocalRateLimiter, limits_table
 
-from .helpers import ROOT, _cli_env, make_job, write_prompts
+from .helpers import ROOT, _cli_env, make_job, read_pty, write_prompts
 
 JSON_KEYS = {"ts", "event", "rows_done", "rows_total", "rows_this_run", "ok_this_run", "failed_this_run",
              "rows_per_second", "requests_per_second", "tokens_per_second", "throttled", "in_flight",
@@ -104,19 +104,6 @@ def test_resumed_run_counts_the_whole_job(tmp_path, make_emulator):
     assert end["cost"] > first_cost and end["projected_cost"] == end["cost"]
 
 
-def _read_pty(master: int) -> bytes:
-    output = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        output += chunk
-    return output
-
-
 def test_bar_at_80_columns_ends_with_the_final_figures(tmp_path, make_emulator):
     """On an 80-column terminal the bar's last line has the final counts, cost and ETA, within 80 columns."""
     import fcntl
@@ -132,7 +119,7 @@ def test_bar_at_80_columns_ends_with_the_final_figures(tmp_path, make_emulator):
     proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job)], cwd=ROOT,
                             env=_cli_env("sk-test", None), stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
-    output = _read_pty(master)
+    output = read_pty(master)
     os.close(master)
     assert proc.wait(timeout=60) == 0
     text = output.decode(errors="replace")
