@@ -39,8 +39,10 @@ def test_validate_takes_every_override_of_run_with_its_range(tmp_path, flag):
 
 
 def test_validate_and_run_list_the_same_overrides():
-    """`validate --help` names every override flag `run --help` names (all but run's own actions)."""
-    run_only = {"--dry-run", "--overwrite", "--restart", "--retry-failed", "--emulator", "--quiet"}
+    """`validate --help` names every override flag `run --help` names (all but run's own actions and its
+    progress display)."""
+    run_only = {"--dry-run", "--overwrite", "--restart", "--retry-failed", "--emulator", "--quiet",
+                "--progress", "--log-every", "--log-format"}
     run_help, validate_help = run_cli("run", "--help").stdout, run_cli("validate", "--help").stdout
     run_flags = {word.rstrip(",") for word in run_help.split() if word.startswith("--")} - run_only
     validate_flags = {word.rstrip(",") for word in validate_help.split() if word.startswith("--")}
