@@ -212,23 +212,21 @@ class AdaptiveRate:
         now = self._clock()
         if self.in_flight > 0:
             self.in_flight -= 1
-        rate_signal = throttled and code not in CAPACITY_CODES
+        self._unclassified_answers += 1
+        if throttled and code in CAPACITY_CODES:
+            self.background_throttled += 1
+            throttled = False  # counted as an answer the endpoint gave, not as a rate signal
+        elif throttled:
+            self._unclassified += 1
         if self.startup:
             if accepted:
                 self.window += self.startup_gain
-            elif rate_signal:  # a throttled answer gives back its slot, not a new one: a flood shrinks itself
+            elif throttled:  # a throttled answer gives back its slot, not a new one: a flood shrinks itself
                 self.window = max(8.0, self.window - 1)
             self._wake()
         if accepted:
             self._accepted.append(now)
             _trim(self._accepted, now)
-        self._unclassified_answers += 1
-        if throttled:
-            if code in CAPACITY_CODES:
-                self.background_throttled += 1
-                throttled = False  # counted as an answer the endpoint gave, not as a rate signal
-            else:
-                self._unclassified += 1
         window = self._window_of(seq)
         if window is not None:
             window.answers += 1
@@ -237,9 +235,7 @@ class AdaptiveRate:
                 window.burst = window.burst or code in BURST_CODES
             if self.startup and window.throttled >= 2 * STARTUP_EXIT_SHARE * max(window.sent, 32):
                 self._windows.remove(window)  # already excess, whatever its other answers: act now
-                if self._judge(now, window):
-                    self._windows = deque([_Window(now, first=self._seq)])
-                    return True
+                return self._judge_window(now, window)
         return self._evaluate(now)
 
     def _window_of(self, seq: int) -> _Window | None:
@@ -272,12 +268,19 @@ class AdaptiveRate:
             if not (complete or (self.startup and window.burst)):
                 break
             self._windows.popleft()
-            if not self._windows:
-                self._windows.append(_Window(now, first=self._seq))
-            if window.answers and self._judge(now, window):
+            if window.answers and self._judge_window(now, window):
                 cut = True
-                self._windows = deque([_Window(now, first=self._seq)])  # what is in flight was sent at the old rate
                 break
+        return cut
+
+    def _judge_window(self, now: float, window: _Window) -> bool:
+        """Judge a window taken out of the queue. After a cut only requests sent from now on are counted
+        (what is in flight was sent at the old rate); the queue never runs empty."""
+        cut = self._judge(now, window)
+        if cut:
+            self._windows = deque([_Window(now, first=self._seq)])
+        elif not self._windows:
+            self._windows.append(_Window(now, first=self._seq))
         return cut
 
     def _judge(self, now: float, window: _Window) -> bool:

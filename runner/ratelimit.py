@@ -203,10 +203,6 @@ class LocalRateLimiter:
         # first entry is the oldest (what a progress display shows during a tail of hung requests).
         self._unanswered: dict[tuple[str, int], float] = {}
 
-    @property
-    def rate_cuts(self) -> int:
-        return sum(a.cuts - a.undone for a in self._adaptive.values())
-
     def _buckets(self, model: str) -> tuple[TokenBucket | None, TokenBucket | None, AdaptiveRate]:
         if model not in self._requests:
             limits = self._limits_for(model)
@@ -257,21 +253,21 @@ class LocalRateLimiter:
             token_bucket.refund(-delta_tokens)
 
     def report_success(self, model: str, sent: Sent) -> None:
-        self._unanswered.pop((model, sent.seq), None)
-        self._after_answer(self._buckets(model)[2].answered(sent.seq, accepted=True), sent)
+        self._answered(model, sent, None, accepted=True)
 
     def report_throttled(self, model: str, code: str | None, retry_after: float | None, sent: Sent) -> None:
-        self._unanswered.pop((model, sent.seq), None)
         self.throttled_by_code[code or "429"] += 1
-        cut = self._buckets(model)[2].answered(sent.seq, throttled=True, code=code)
-        self._after_answer(cut, sent, retry_after)
+        self._answered(model, sent, retry_after, throttled=True, code=code)
 
     def report_failure(self, model: str, sent: Sent, retry_after: float | None = None) -> None:
         """Any other end of an attempt: an error answer (a 503 may carry Retry-After), a timeout, a cancel."""
-        self._unanswered.pop((model, sent.seq), None)
-        self._after_answer(self._buckets(model)[2].answered(sent.seq), sent, retry_after)
+        self._answered(model, sent, retry_after)
 
-    def _after_answer(self, cut: bool, sent: Sent, retry_after: float | None = None) -> None:
+    def _answered(self, model: str, sent: Sent, retry_after: float | None, **how) -> None:
+        """The one path every report takes: no longer in flight, judged, and the gate closed on a cut or a
+        Retry-After."""
+        self._unanswered.pop((model, sent.seq), None)
+        cut = self._buckets(model)[2].answered(sent.seq, **how)
         if cut or retry_after is not None:
             added = self.gate.close(sent.at, retry_after)
             if added > 0:
