@@ -115,21 +115,27 @@ def test_status_json_is_json_in_every_state(tmp_path):
         assert run_cli(*base[:-1]).stdout.startswith("finished: ")
 
 
+def _kill_and_lose_the_second_batch(tmp_path, emu, out):
+    """Start the batches, kill the run, and make the state name a second batch the server never had;
+    returns the job and the first batch's id."""
+    job, proc = _start_batches(tmp_path, emu, out)
+    proc.kill()
+    proc.wait(10)
+    state_path = out.with_name(out.name + ".parts") / "batch-state.json"
+    state = json.loads(state_path.read_text())
+    state["batches"][1]["batch_id"] = "batch_not_on_this_server"
+    state_path.write_text(json.dumps(state))
+    return job, state["batches"][0]["batch_id"]
+
+
 def test_a_failed_cancel_exits_1_and_says_what_was_and_was_not_cancelled(tmp_path):
     """A batch the server will not cancel is named, the cancelled ones too, and the exit code is 1."""
     clock = ManualClock()
     out = tmp_path / "out" / "result.parquet"
     with Emulator(STILL, clock=clock) as emu:
-        job, proc = _start_batches(tmp_path, emu, out)
-        proc.kill()
-        proc.wait(10)
+        job, first = _kill_and_lose_the_second_batch(tmp_path, emu, out)
         # The first batch finishes on the server: the state still says it runs, the server refuses to cancel it.
-        state_path = out.with_name(out.name + ".parts") / "batch-state.json"
-        state = json.loads(state_path.read_text())
-        first = state["batches"][0]["batch_id"]
         clock.advance(1000)
-        state["batches"][1]["batch_id"] = "batch_not_on_this_server"
-        state_path.write_text(json.dumps(state))
         result = run_cli("cancel", str(job), "--output", str(out))
         assert result.code == 1, result.stderr
         assert f"batch-0001: {first} not cancelled" in result.stdout
@@ -143,13 +149,7 @@ def test_a_partly_failed_cancel_names_both_sides(tmp_path):
     clock = ManualClock()
     out = tmp_path / "out" / "result.parquet"
     with Emulator(STILL, clock=clock) as emu:
-        job, proc = _start_batches(tmp_path, emu, out)
-        proc.kill()
-        proc.wait(10)
-        state_path = out.with_name(out.name + ".parts") / "batch-state.json"
-        state = json.loads(state_path.read_text())
-        state["batches"][1]["batch_id"] = "batch_not_on_this_server"
-        state_path.write_text(json.dumps(state))
+        job, _ = _kill_and_lose_the_second_batch(tmp_path, emu, out)
         result = run_cli("cancel", str(job), "--output", str(out))
         assert result.code == 1, result.stderr
         assert "error: 1 of 2 batch(es) not cancelled (batch-0002); cancelled: batch-0001" in result.stderr
