@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Awaitable, Callable
 
 import anyio
 import anyio.lowlevel
@@ -20,51 +18,16 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from ..clients import ChatClient
 from ..clients.stream_rules import StreamPolicy
-from ..cost import CostBudget, NoPrice, PriceBook
+from ..cost import CostBudget, NoPrice
 from ..endpoint_check import EndpointGuard
-from ..errors import CallError, Interrupted, RunnerError, Throttled
-from ..limits import Outcome, RetryPolicy, call_with_retries
-from ..ratelimit import Limits, LocalRateLimiter, RetryBudget, Sent, limits_table
-from ..records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, unsent_result
+from ..errors import Interrupted, RunnerError
+from ..limits import RetryPolicy
+from ..ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
+from ..records import Request, Result
+from ..row_sender import RowSender, invalid_row_result
 from ..sink import DoneRows
 from ..sources import RequestSource
-from ..tokens import estimate_prompt_tokens, output_reserve
 from . import Finish, JobRun, Stop, Stopping, first_runner_error
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _duration_ms(first_sent: float | None) -> float | None:
-    """The row's time from its first send (a time.perf_counter reading) to now; None if it was never sent."""
-    return None if first_sent is None else (time.perf_counter() - first_sent) * 1000
-
-
-def _ok_result(request: Request, outcome, started_at: datetime, cost: float | None,
-               first_sent: float | None = None) -> Result:
-    completion = outcome.completion
-    return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_OK, kept=request.kept,
-                  response=completion.content, reasoning=completion.reasoning,
-                  finish_reason=completion.finish_reason, usage=completion.usage, cost=cost,
-                  request_id=completion.request_id, http_status=completion.http_status,
-                  attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
-                  duration_ms=_duration_ms(first_sent), time_to_first_token_ms=completion.first_token_ms,
-                  started_at=started_at, finished_at=_now(), request_hash=request.digest())
-
-
-def _error_result(request: Request, outcome, started_at: datetime, cost: None = None,
-                  first_sent: float | None = None) -> Result:
-    error = outcome.error
-    return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR,
-                  kept=request.kept, request_id=error.request_id, error_type=error.error_type,
-                  error_code=error.code, error_message=error.message, http_status=error.http_status,
-                  attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
-                  duration_ms=_duration_ms(first_sent), started_at=started_at, finished_at=_now(), request_hash=request.digest())
-
-
-def invalid_row_result(request: Request) -> Result:
-    return unsent_result(request, "invalid_row", request.problem)
 
 
 @dataclass
@@ -114,9 +77,9 @@ class OnlineExecutor:
                     # A 404 before anything worked stops the run, not every row; keys quoted back are removed.
                     guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_model=spec.model.name,
                                             api_key=job.api_key)
-                    lane = _Lane(guarded, policy, job.sleep, stop, limiter, retry_budget,
-                                 spec.run.expected_output_tokens, prices, spend)
-                    tg.start_soon(_run_workers, concurrency, lane, req_recv, res_send)
+                    sender = RowSender(guarded, policy, job.sleep, stop, limiter, retry_budget,
+                               spec.run.expected_output_tokens, prices, spend)
+                    tg.start_soon(_run_workers, concurrency, sender, req_recv, res_send)
                     await _write_results(res_recv, job)
             except BaseExceptionGroup as group:
                 raise first_runner_error(group) from None
@@ -150,117 +113,28 @@ async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop:
                     await requests.send(request)
 
 
-@dataclass
-class _Lane:
-    """What every worker shares: the client, retry policy and budget, rate limiter, prices and cost budget
-    (`spend`, when [run] max_cost is set), and the stop control."""
-
-    client: ChatClient
-    policy: RetryPolicy
-    sleep: Callable[[float], Awaitable[None]]
-    stop: Stop
-    limiter: LocalRateLimiter
-    retry_budget: RetryBudget
-    expected_output_tokens: int | None
-    prices: PriceBook
-    spend: CostBudget | None
-async def _send(lane: _Lane, request: Request) -> tuple[Outcome, float | None, float | None]:
-    """One row through the limiter and the retry loop; the token reservation is settled with the real usage.
-    Returns the outcome, the successful answer's cost and when the first attempt was sent (time.perf_counter:
-    the start of the row's duration_ms, so waiting for the first rate-limit slot is queueing, not the row). Raises Stopping, before anything more is sent,
-    once the run is stopping."""
-    model = request.model
-    limiter = lane.limiter
-    reserve = estimate_prompt_tokens(request.messages) + output_reserve(request.params, lane.expected_output_tokens)
-    worst_cost = lane.prices.worst_case(request) if lane.spend is not None else 0.0
-    last_error = ""
-    sent_at = Sent(0.0, 0)
-    answer_cost: float | None = None
-    first_sent: float | None = None
-
-    async def before_attempt(number: int) -> None:
-        nonlocal sent_at, first_sent
-        if number > 1:
-            lane.retry_budget.retry(last_error)
-        with lane.stop.abortable():
-            sent_at = await limiter.acquire(model, reserve)
-        try:
-            if lane.stop.requested:  # stopped while this row waited its turn: it is left for the rerun
-                raise Stopping
-            if lane.spend is not None:
-                with lane.stop.abortable():
-                    await lane.spend.reserve(worst_cost)  # released or replaced by the real cost in attempt()
-            if first_sent is None:
-                first_sent = time.perf_counter()
-        except BaseException:
-            limiter.settle(model, -reserve)
-            limiter.report_failure(model, sent_at)
-            raise
-
-    async def attempt(req: Request) -> Completion:
-        nonlocal last_error, answer_cost
-        cost = None
-        try:
-            completion = await lane.client.complete(req)
-            cost = answer_cost = lane.prices.row_cost(req, completion.usage)
-        except CallError as error:
-            limiter.settle(model, -reserve)
-            if isinstance(error, Throttled):
-                limiter.report_throttled(model, error.code, error.retry_after, sent_at)
-            else:
-                limiter.report_failure(model, sent_at, getattr(error, "retry_after", None))
-            if not error.retryable:
-                lane.retry_budget.answered()
-            last_error = f"{error.error_type} {error.code or ''}: {error.message}"[:300]
-            raise
-        except BaseException:
-            limiter.settle(model, -reserve)
-            limiter.report_failure(model, sent_at)
-            raise
-        finally:
-            if lane.spend is not None:
-                lane.spend.settle(worst_cost, cost)
-        used = completion.usage.total_tokens
-        limiter.settle(model, used - reserve if used is not None else 0)
-        limiter.report_success(model, sent_at)
-        lane.retry_budget.answered()
-        return completion
-
-    async def retry_sleep(seconds: float) -> None:
-        with lane.stop.abortable():
-            await lane.sleep(seconds)
-
-    outcome = await call_with_retries(attempt, request, lane.policy, sleep=retry_sleep, before_attempt=before_attempt)
-    return outcome, answer_cost, first_sent
-
-
-async def _work(lane: _Lane, requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:
+async def _work(sender: RowSender, requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:
     async with requests, results:
         async for request in requests:
-            if lane.stop.requested:
+            if sender.stop.requested:
                 return  # queued rows are not started once the run is stopping
-            started_at = _now()
             try:
-                outcome, cost, first_sent = await _send(lane, request)
+                result = await sender.result_of(request)
             except Stopping:
                 continue
             except RunnerError as error:
-                lane.stop.fail(error)  # this row is not written: the rerun sends it
+                sender.stop.fail(error)  # this row is not written: the rerun sends it
                 continue
-            if outcome.completion is not None:
-                result = _ok_result(request, outcome, started_at, cost, first_sent)
-            else:
-                result = _error_result(request, outcome, started_at, first_sent=first_sent)
             await results.send(result)
 
 
-async def _run_workers(count: int, lane: _Lane, requests: ObjectReceiveStream[Request],
+async def _run_workers(count: int, sender: RowSender, requests: ObjectReceiveStream[Request],
                        results: ObjectSendStream[Result]) -> None:
     async with requests, results:
         async with anyio.create_task_group() as workers:
-            lane.stop.work_scope = workers.cancel_scope
+            sender.stop.work_scope = workers.cancel_scope
             for _ in range(count):
-                workers.start_soon(_work, lane, requests.clone(), results.clone())
+                workers.start_soon(_work, sender, requests.clone(), results.clone())
 
 
 async def _write_results(results: ObjectReceiveStream[Result], job: JobRun) -> None:

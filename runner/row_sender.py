@@ -1,0 +1,153 @@
+"""One row's way through the limiter, the retry loop and the client, into its output row.
+
+Every executor that sends rows itself (online, and any executor whose workers run the same path) goes
+through `RowSender.result_of`, so classification, retries, rate feedback, the cost budget and the
+result columns are the same whichever way the rows are fanned out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Awaitable, Callable
+
+from .clients import ChatClient
+from .cost import CostBudget, PriceBook
+from .errors import CallError, Throttled
+from .executors import Stop, Stopping
+from .limits import Outcome, RetryPolicy, call_with_retries
+from .ratelimit import LocalRateLimiter, RetryBudget, Sent
+from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, unsent_result
+from .tokens import estimate_prompt_tokens, output_reserve
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _duration_ms(first_sent: float | None) -> float | None:
+    """The row's time from its first send (a time.perf_counter reading) to now; None if it was never sent."""
+    return None if first_sent is None else (time.perf_counter() - first_sent) * 1000
+
+
+def ok_result(request: Request, outcome, started_at: datetime, cost: float | None,
+              first_sent: float | None = None) -> Result:
+    completion = outcome.completion
+    return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_OK, kept=request.kept,
+                  response=completion.content, reasoning=completion.reasoning,
+                  finish_reason=completion.finish_reason, usage=completion.usage, cost=cost,
+                  request_id=completion.request_id, http_status=completion.http_status,
+                  attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
+                  duration_ms=_duration_ms(first_sent), time_to_first_token_ms=completion.first_token_ms,
+                  started_at=started_at, finished_at=_now(), request_hash=request.digest())
+
+
+def error_result(request: Request, outcome, started_at: datetime, cost: None = None,
+                 first_sent: float | None = None) -> Result:
+    error = outcome.error
+    return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR,
+                  kept=request.kept, request_id=error.request_id, error_type=error.error_type,
+                  error_code=error.code, error_message=error.message, http_status=error.http_status,
+                  attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
+                  duration_ms=_duration_ms(first_sent), started_at=started_at, finished_at=_now(), request_hash=request.digest())
+
+
+def invalid_row_result(request: Request) -> Result:
+    return unsent_result(request, "invalid_row", request.problem)
+
+
+@dataclass
+class RowSender:
+    """What every worker shares: the client, retry policy and budget, rate limiter, prices and cost budget
+    (`spend`, when [run] max_cost is set), and the stop control. `result_of` is the one per-row path every
+    executor that sends rows itself uses."""
+
+    client: ChatClient
+    policy: RetryPolicy
+    sleep: Callable[[float], Awaitable[None]]
+    stop: Stop
+    limiter: LocalRateLimiter
+    retry_budget: RetryBudget
+    expected_output_tokens: int | None
+    prices: PriceBook
+    spend: CostBudget | None
+
+    async def result_of(self, request: Request) -> Result:
+        """The row's output row: its answer, or its failure as an error row. Raises Stopping once the run is
+        stopping (the row is left for the rerun) and RunnerError for what stops the whole run."""
+        started_at = _now()
+        outcome, cost, first_sent = await _send(self, request)
+        if outcome.completion is not None:
+            return ok_result(request, outcome, started_at, cost, first_sent)
+        return error_result(request, outcome, started_at, first_sent=first_sent)
+
+
+async def _send(sender: RowSender, request: Request) -> tuple[Outcome, float | None, float | None]:
+    """One row through the limiter and the retry loop; the token reservation is settled with the real usage.
+    Returns the outcome, the successful answer's cost and when the first attempt was sent (time.perf_counter:
+    the start of the row's duration_ms, so waiting for the first rate-limit slot is queueing, not the row).
+    Raises Stopping, before anything more is sent, once the run is stopping."""
+    model = request.model
+    limiter = sender.limiter
+    reserve = estimate_prompt_tokens(request.messages) + output_reserve(request.params, sender.expected_output_tokens)
+    worst_cost = sender.prices.worst_case(request) if sender.spend is not None else 0.0
+    last_error = ""
+    sent_at = Sent(0.0, 0)
+    answer_cost: float | None = None
+    first_sent: float | None = None
+
+    async def before_attempt(number: int) -> None:
+        nonlocal sent_at, first_sent
+        if number > 1:
+            sender.retry_budget.retry(last_error)
+        with sender.stop.abortable():
+            sent_at = await limiter.acquire(model, reserve)
+        try:
+            if sender.stop.requested:  # stopped while this row waited its turn: it is left for the rerun
+                raise Stopping
+            if sender.spend is not None:
+                with sender.stop.abortable():
+                    await sender.spend.reserve(worst_cost)  # released or replaced by the real cost in attempt()
+            if first_sent is None:
+                first_sent = time.perf_counter()
+        except BaseException:
+            limiter.settle(model, -reserve)
+            limiter.report_failure(model, sent_at)
+            raise
+
+    async def attempt(req: Request) -> Completion:
+        nonlocal last_error, answer_cost
+        cost = None
+        try:
+            completion = await sender.client.complete(req)
+            cost = answer_cost = sender.prices.row_cost(req, completion.usage)
+        except CallError as error:
+            limiter.settle(model, -reserve)
+            if isinstance(error, Throttled):
+                limiter.report_throttled(model, error.code, error.retry_after, sent_at)
+            else:
+                limiter.report_failure(model, sent_at, getattr(error, "retry_after", None))
+            if not error.retryable:
+                sender.retry_budget.answered()
+            last_error = f"{error.error_type} {error.code or ''}: {error.message}"[:300]
+            raise
+        except BaseException:
+            limiter.settle(model, -reserve)
+            limiter.report_failure(model, sent_at)
+            raise
+        finally:
+            if sender.spend is not None:
+                sender.spend.settle(worst_cost, cost)
+        used = completion.usage.total_tokens
+        limiter.settle(model, used - reserve if used is not None else 0)
+        limiter.report_success(model, sent_at)
+        sender.retry_budget.answered()
+        return completion
+
+    async def retry_sleep(seconds: float) -> None:
+        with sender.stop.abortable():
+            await sender.sleep(seconds)
+
+    outcome = await call_with_retries(attempt, request, sender.policy, sleep=retry_sleep, before_attempt=before_attempt)
+    return outcome, answer_cost, first_sent
