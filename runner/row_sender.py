@@ -1,7 +1,7 @@
 """One row's way through the limiter, the retry loop and the client, into its output row.
 
 Every executor that sends rows itself (online, and any executor whose workers run the same path) goes
-through `RowSender.result_of`, so classification, retries, rate feedback, the cost budget and the
+through `RowSender.results_of`, so classification, retries, rate feedback, the cost budget and the
 result columns are the same whichever way the rows are fanned out.
 """
 
@@ -60,7 +60,7 @@ def invalid_row_result(request: Request) -> Result:
 @dataclass
 class RowSender:
     """What every worker shares: the client, retry policy and budget, rate limiter, prices and cost budget
-    (`spend`, when [run] max_cost is set), and the stop control. `result_of` is the one per-row path every
+    (`spend`, when [run] max_cost is set), and the stop control. `results_of` is the one per-row path every
     executor that sends rows itself uses."""
 
     client: ChatClient
@@ -73,14 +73,15 @@ class RowSender:
     prices: PriceBook
     spend: CostBudget | None
 
-    async def result_of(self, request: Request) -> Result:
-        """The row's output row: its answer, or its failure as an error row. Raises Stopping once the run is
-        stopping (the row is left for the rerun) and RunnerError for what stops the whole run."""
+    async def results_of(self, request: Request) -> list[Result]:
+        """The request's output rows (one per request today): its answer, or its failure as an error row.
+        Raises Stopping once the run is stopping (the row is left for the rerun) and RunnerError for what
+        stops the whole run."""
         started_at = _now()
         outcome, cost, first_sent = await _send(self, request)
         if outcome.completion is not None:
-            return ok_result(request, outcome, started_at, cost, first_sent)
-        return error_result(request, outcome, started_at, first_sent=first_sent)
+            return [ok_result(request, outcome, started_at, cost, first_sent)]
+        return [error_result(request, outcome, started_at, first_sent=first_sent)]
 
 
 async def _send(sender: RowSender, request: Request) -> tuple[Outcome, float | None, float | None]:

@@ -119,13 +119,14 @@ async def _work(sender: RowSender, requests: ObjectReceiveStream[Request], resul
             if sender.stop.requested:
                 return  # queued rows are not started once the run is stopping
             try:
-                result = await sender.result_of(request)
+                answered = await sender.results_of(request)
             except Stopping:
                 continue
             except RunnerError as error:
                 sender.stop.fail(error)  # this row is not written: the rerun sends it
                 continue
-            await results.send(result)
+            for result in answered:
+                await results.send(result)
 
 
 async def _run_workers(count: int, sender: RowSender, requests: ObjectReceiveStream[Request],
