@@ -38,8 +38,10 @@ class CsvInput:
     def _stream(self):
         if self.gzipped:
             return pa.input_stream(str(self.path), compression="gzip")
-        # A Python file, not pa.OSFile: its reads are not Arrow allocations, and Arrow's peak stayed at one block.
-        return open(self.path, "rb")
+        # A memory map: the reader's readahead slices it without Arrow allocations (peak 17 MB on a 285 MB file;
+        # pa.OSFile: 160 MB), and, unlike a Python file read from Arrow's threads, no abort at exit
+        # ("terminate called without an active exception": 1 process in about 80 with a Python file, 0 in 400).
+        return pa.memory_map(str(self.path))
 
     def _reader(self, columns: list[str] | None):
         import pyarrow.csv as pc
