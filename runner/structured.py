@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import pyarrow as pa
 
 from .errors import InvalidOutput
-from .records import PARSED_COLUMN_META, PARSED_FIELDS, Request
+from .records import PARSED_COLUMN_META, PARSED_FIELDS, STATUS_ERROR, Request, Result
 
 if TYPE_CHECKING:
     from .spec import JobSpec
@@ -315,8 +315,27 @@ class StructuredOutput:
         return dataclasses.replace(request, key=f"{request.key}#reask{number}", messages=messages)
 
     def invalid_output(self, verdict: Verdict, answers: int) -> InvalidOutput:
-        return InvalidOutput(f"no valid answer in {answers} tries: the last one is {verdict.error}",
+        tries = "1 try" if answers == 1 else f"{answers} tries"
+        return InvalidOutput(f"no valid answer in {tries}: the last one is {verdict.error}",
                              code="invalid_output")
+
+
+def check_batch_results(results: list[Result], output: StructuredOutput) -> list[Result]:
+    """A joined batch's rows, checked like online answers. The Batch API answers once and cannot be re-asked
+    within the batch, so an answer that does not validate makes its row InvalidOutput at once (its answer,
+    tokens and cost kept); `runner run JOB --mode online --retry-failed all` sends such rows again online,
+    where they are re-asked."""
+    for result in results:
+        if not result.ok:
+            continue
+        verdict = output.check(result.response)
+        if verdict.ok:
+            result.parsed = verdict.parsed
+            continue
+        error = output.invalid_output(verdict, 1)
+        result.status, result.error_type, result.error_code = STATUS_ERROR, error.error_type, error.code
+        result.error_message, result.parse_error = error.message, verdict.error
+    return results
 
 
 def for_job(spec: JobSpec) -> StructuredOutput | None:
