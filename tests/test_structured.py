@@ -22,7 +22,7 @@ from runner.errors import SpecError
 from runner.records import Request
 from runner.spec import parse_job
 from runner.structured import StructuredOutput, json_mode, load_schema, property_fields
-from tests.helpers import make_job, read_output, run_cli, write_prompts
+from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
 
 LABEL_SCHEMA = {
     "title": "ticket label",
@@ -398,3 +398,32 @@ def test_the_dry_run_shows_the_json_request(tmp_path):
     lines = (tmp_path / "out" / "result.requests.jsonl").read_text().splitlines()
     bodies = [json.loads(line)["body"] for line in lines]
     assert [b["response_format"]["json_schema"]["schema"] for b in bodies] == [LABEL_SCHEMA] * 2
+
+
+def test_kill_9_and_resume_keep_parsed_values(tmp_path, make_emulator):
+    """kill -9 before any part is committed: the rerun recovers the journal (parsed and parse_error
+    included) and finishes with every row once, every ok row's parsed valid and its typed columns filled."""
+    emu = make_emulator(faults={"bad_json": 0.2}, latency_ms=5)
+    rows = write_prompts(tmp_path / "prompts.jsonl", 400)
+    job = make_job(tmp_path, emu, run={"concurrency": 4, "part_rows": 100_000, "part_seconds": 3600},
+                   output=output_of(tmp_path))
+    proc = start_cli("run", str(job))
+    wait_until(lambda: emu.stats(keys=False)["requests"] >= 100 or proc.poll() is not None, what="100 requests")
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    proc.wait(timeout=30)
+    parts = tmp_path / "out" / "result.parquet.parts"
+    assert not list(parts.glob("part-*.parquet")) and list(parts.glob("journal-*.jsonl"))
+
+    final = run_cli("run", str(job), "--max-error-rate", "0.1")
+    assert final.code == 0, final.stderr
+    assert "recovered from the journal" in final.stderr
+    out = read_output(tmp_path / "out" / "result.parquet")
+    assert [r["key"] for r in out] == [r["id"] for r in rows]
+    validator = jsonschema.Draft202012Validator(LABEL_SCHEMA)
+    for row in out:
+        if row["status"] == "ok":
+            parsed = json.loads(row["parsed"])
+            assert validator.is_valid(parsed) and row["label"] == parsed["label"]
+        else:
+            assert row["error_type"] == "InvalidOutput" and row["parse_error"]
