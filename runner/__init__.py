@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (AuthError, BadResponse, CallError, EndpointNotFound, Interrupted, InvalidRow, NotFound,
+from .errors import (AuthError, BadResponse, CallError, EndpointNotFound, Interrupted, InvalidOutput, InvalidRow,
+                     NotFound,
                      OutputConflict, PermanentCallError, QuotaExhausted, RunnerError, SinkError, SourceError, SpecError,
                      Throttled, TransientCallError)
 
@@ -31,4 +32,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["run_job", "load_job", "JobSpec", "RunSummary", "summarize_file", "RunnerError", "SpecError",
            "SourceError", "SinkError", "OutputConflict", "AuthError", "QuotaExhausted", "EndpointNotFound",
-           "Interrupted", "CallError", "TransientCallError", "Throttled", "PermanentCallError", "NotFound", "BadResponse", "InvalidRow"]
+           "Interrupted", "CallError", "TransientCallError", "Throttled", "PermanentCallError", "NotFound", "BadResponse", "InvalidRow",
+           "InvalidOutput"]

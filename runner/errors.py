@@ -133,6 +133,13 @@ class InvalidRow(PermanentCallError):
     """The input row cannot be turned into a request (bad JSON, missing column, empty prompt)."""
 
 
+class InvalidOutput(PermanentCallError):
+    """[output] json_schema: no answer of the row was valid JSON matching the schema, after the first
+    answer and every re-ask ([run] reask_attempts). Not sent again by a rerun's default
+    --retry-failed transient (it had its tries; a deterministic mismatch would be paid again each
+    rerun); --retry-failed all sends it again, re-asks included."""
+
+
 __all__ = [
     "RunnerError",
     "SpecError",
@@ -150,4 +157,5 @@ __all__ = [
     "NotFound",
     "BadResponse",
     "InvalidRow",
+    "InvalidOutput",
 ]

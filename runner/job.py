@@ -32,6 +32,7 @@ from .report import RunSummary, summarize_file
 from .sink import ParquetSink
 from .sources import RequestSource, open_source
 from .spec import JobSpec
+from . import structured
 
 __all__ = ["run_job", "job_fingerprint", "open_sink", "executor_for", "ResultCallback", "StartCallback",
            "NoticeCallback"]
@@ -56,13 +57,15 @@ def job_fingerprint(spec: JobSpec) -> dict[str, str]:
         "model": spec.model.name,
         "params": json.dumps(dict(spec.model.params), sort_keys=True, default=str),
         "stream": f"{spec.model.stream} {','.join(spec.model.stream_only_models)}",
+        **structured.fingerprint(spec),
     }
 
 
 def open_sink(spec: JobSpec, source: RequestSource, *, overwrite: bool, restart: bool, retry_failed: str,
               reopen: bool) -> ParquetSink:
     """The job's output, its committed rows read back (every executor writes the same parts)."""
-    return ParquetSink(spec.output.path, result_schema(source.kept_fields), fingerprint=job_fingerprint(spec),
+    schema = result_schema(source.kept_fields, structured.output_fields(spec))
+    return ParquetSink(spec.output.path, schema, fingerprint=job_fingerprint(spec),
                        part_rows=spec.run.part_rows, part_seconds=spec.run.part_seconds, overwrite=overwrite,
                        restart=restart, retry_failed=retry_failed, reopen=reopen,
                        currency=PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides={}).currency)
@@ -96,7 +99,7 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     if online:  # before the input is read: sending rows that pending batches hold would pay for them twice
         guard_pending_batches(spec, restart=restart, online=True)
     retry_failed = retry_failed or executor.default_retry_failed
-    source = open_source(spec.input, spec.model, limit=spec.run.limit)
+    source = open_source(spec.input, spec.model, limit=spec.run.limit, decorate=structured.decorator(spec))
     if api_key is None:
         api_key = resolve_api_key(spec.endpoint, environ)
     if not online:  # --restart must not lose the batches still running

@@ -86,6 +86,9 @@ class Result:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     request_hash: int | None = None  # Request.digest(); kept in part files, not in the final output
+    # [output] json_schema: the valid answer as compact JSON text, or the last answer's validation error.
+    parsed: str | None = None
+    parse_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -134,19 +137,59 @@ RESULT_FIELDS = (
     pa.field("finished_at", _TS),
 )
 REQUEST_HASH_FIELD = pa.field("request_hash", pa.int64())
-RESERVED_COLUMNS = frozenset(f.name for f in LEADING_FIELDS + RESULT_FIELDS + (REQUEST_HASH_FIELD,))
+# Structured output's columns ([output] json_schema), after the result columns. The schema's typed property
+# columns ([output] parsed_columns) follow them, marked with this metadata so they are not taken for kept
+# input columns; their values come from `parsed`.
+PARSED_COLUMN_META = {b"runner.column": b"parsed"}
+PARSED_FIELDS = (pa.field("parsed", pa.string()), pa.field("parse_error", pa.string()))
+RESERVED_COLUMNS = frozenset(f.name for f in LEADING_FIELDS + RESULT_FIELDS + PARSED_FIELDS + (REQUEST_HASH_FIELD,))
 
 RESULT_SCHEMA = pa.schema(LEADING_FIELDS + RESULT_FIELDS)
 
 
-def result_schema(kept_fields: tuple[pa.Field, ...] = ()) -> pa.Schema:
-    """The output schema: row_id, key, the kept input columns, then the result columns."""
-    return pa.schema(LEADING_FIELDS + tuple(kept_fields) + RESULT_FIELDS)
+def result_schema(kept_fields: tuple[pa.Field, ...] = (), extra_fields: tuple[pa.Field, ...] = ()) -> pa.Schema:
+    """The output schema: row_id, key, the kept input columns, the result columns, then `extra_fields`
+    (structured output's columns, when the job has them)."""
+    return pa.schema(LEADING_FIELDS + tuple(kept_fields) + RESULT_FIELDS + tuple(extra_fields))
+
+
+def _is_parsed_column(f: pa.Field) -> bool:
+    return (f.metadata or {}).get(b"runner.column") == b"parsed"
+
+
+def _typed_value(value: Any, type_: pa.DataType) -> Any:
+    """A parsed JSON value as a value of the column's Arrow type; None when it does not fit (the answer was
+    validated, so that is a value the column type cannot hold, e.g. an integer past int64: `parsed` has it)."""
+    if value is None:
+        return None
+    if pa.types.is_string(type_):
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if pa.types.is_boolean(type_):
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if pa.types.is_int64(type_):
+        return value if isinstance(value, int) and -2**63 <= value < 2**63 else None
+    if pa.types.is_float64(type_):
+        return float(value) if isinstance(value, (int, float)) and abs(value) < 1e308 else None
+    if pa.types.is_list(type_) and isinstance(value, list):
+        return [_typed_value(item, type_.value_type) for item in value]
+    return None
+
+
+def _parsed_columns(results: list[Result], fields: list[pa.Field]) -> dict[str, list]:
+    columns: dict[str, list] = {f.name: [] for f in fields}
+    for r in results:
+        value = json.loads(r.parsed) if r.parsed is not None else None
+        for f in fields:
+            columns[f.name].append(_typed_value(value.get(f.name), f.type) if isinstance(value, dict) else None)
+    return columns
 
 
 def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
     """Column-wise conversion of results (in any order) into a table with `schema`."""
-    kept_names = [f.name for f in schema if f.name not in RESERVED_COLUMNS]
+    parsed_fields = [f for f in schema if _is_parsed_column(f)]
+    kept_names = [f.name for f in schema if f.name not in RESERVED_COLUMNS and not _is_parsed_column(f)]
     usage = [r.usage for r in results]
     columns: dict[str, list] = {
         "row_id": [r.row_id for r in results],
@@ -175,7 +218,11 @@ def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
         "started_at": [r.started_at for r in results],
         "finished_at": [r.finished_at for r in results],
         "request_hash": [r.request_hash for r in results],
+        "parsed": [r.parsed for r in results],
+        "parse_error": [r.parse_error for r in results],
     }
     for name in kept_names:
         columns[name] = [r.kept.get(name) for r in results]
+    if parsed_fields:
+        columns.update(_parsed_columns(results, parsed_fields))
     return pa.Table.from_pydict({f.name: columns[f.name] for f in schema}, schema=schema)

@@ -14,11 +14,12 @@ from typing import Awaitable, Callable
 
 from .clients import ChatClient
 from .cost import CostBudget, PriceBook
-from .errors import CallError, Throttled
+from .errors import CallError, RunnerError, Throttled, TransientCallError
 from .executors import Stop, Stopping
 from .limits import Outcome, RetryPolicy, call_with_retries
 from .ratelimit import LocalRateLimiter, RetryBudget, Sent
-from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, unsent_result
+from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, Usage, unsent_result
+from .structured import StructuredOutput
 from .tokens import estimate_prompt_tokens, output_reserve
 
 
@@ -72,6 +73,7 @@ class RowSender:
     expected_output_tokens: int | None
     prices: PriceBook
     spend: CostBudget | None
+    structured: StructuredOutput | None = None  # [output] json_schema: answers are checked and re-asked
 
     async def results_of(self, request: Request) -> list[Result]:
         """The request's output rows (one per request today): its answer, or its failure as an error row.
@@ -79,9 +81,77 @@ class RowSender:
         stops the whole run."""
         started_at = _now()
         outcome, cost, first_sent = await _send(self, request)
+        if outcome.completion is not None and self.structured is not None:
+            return [await _checked_result(self, self.structured, request, outcome, cost, started_at, first_sent)]
         if outcome.completion is not None:
             return [ok_result(request, outcome, started_at, cost, first_sent)]
         return [error_result(request, outcome, started_at, first_sent=first_sent)]
+
+
+def _add_usage(a: Usage, b: Usage) -> Usage:
+    def plus(x: int | None, y: int | None) -> int | None:
+        return None if x is None and y is None else (x or 0) + (y or 0)
+
+    return Usage(*(plus(getattr(a, name), getattr(b, name)) for name in Usage.__slots__))
+
+
+async def _checked_result(sender: RowSender, structured: StructuredOutput, request: Request, outcome: Outcome,
+                          cost: float | None, started_at: datetime, first_sent: float | None) -> Result:
+    """The row of an answered request under [output] json_schema. An answer that does not validate is re-asked
+    (the original messages, the answer, what is wrong with it) up to `reask_attempts` times, each re-ask through
+    `_send` like any request: the limiter, the retry policy and the cost budget's reservations. The row's
+    attempts, tokens and cost are those of every request it took. It ends as:
+
+    - ok, with `parsed`, once an answer validates;
+    - InvalidOutput, with the last answer in `response` and its error in `parse_error`, when none did;
+    - the re-ask's own error when a re-ask failed for good (a 400, retries used up);
+    - TransientCallError `reask_stopped` when the run stopped (a signal, the budget, a run-level error)
+      before a re-ask could be sent: the answers so far are paid, so the row is written with their tokens
+      and cost (the budget of a rerun counts them), and a rerun sends it again."""
+    completion = outcome.completion
+    usage, attempts = completion.usage, outcome.attempts
+    verdict = structured.check(completion.content)
+    answers = 1
+    while not verdict.ok and answers <= structured.reask_attempts:
+        reask = structured.reask(request, completion.content, verdict.error, answers)
+        try:
+            outcome, reask_cost, _ = await _send(sender, reask)
+        except (Stopping, RunnerError) as stopped:
+            if isinstance(stopped, RunnerError):
+                sender.stop.fail(stopped)  # what _work would do with it; this row is written all the same
+            error = TransientCallError("the run stopped before this row's answer could be re-asked",
+                                       code="reask_stopped")
+            return _failed_row(request, Outcome(None, error, attempts, outcome.last_latency_ms), usage, cost,
+                               completion.content, verdict.error, started_at, first_sent)
+        attempts += outcome.attempts
+        if outcome.completion is None:
+            return _failed_row(request, Outcome(None, outcome.error, attempts, outcome.last_latency_ms), usage, cost,
+                               completion.content, verdict.error, started_at, first_sent)
+        completion = outcome.completion
+        usage = _add_usage(usage, completion.usage)
+        cost = None if cost is None or reask_cost is None else cost + reask_cost
+        verdict = structured.check(completion.content)
+        answers += 1
+    last = Outcome(completion, None, attempts, outcome.last_latency_ms)
+    if verdict.ok:
+        result = ok_result(request, last, started_at, cost, first_sent)
+        result.usage, result.parsed = usage, verdict.parsed
+        return result
+    error = structured.invalid_output(verdict, answers)
+    result = _failed_row(request, Outcome(None, error, attempts, outcome.last_latency_ms), usage, cost,
+                         completion.content, verdict.error, started_at, first_sent)
+    result.finish_reason, result.request_id = completion.finish_reason, completion.request_id
+    result.http_status = completion.http_status
+    return result
+
+
+def _failed_row(request: Request, outcome: Outcome, usage: Usage, cost: float | None, answer: str | None,
+                parse_error: str | None, started_at: datetime, first_sent: float | None) -> Result:
+    """An error row that keeps what was paid for: the tokens and cost of its answers, the last answer, and why
+    it did not validate."""
+    result = error_result(request, outcome, started_at, first_sent=first_sent)
+    result.usage, result.cost, result.response, result.parse_error = usage, cost, answer, parse_error
+    return result
 
 
 async def _send(sender: RowSender, request: Request) -> tuple[Outcome, float | None, float | None]:

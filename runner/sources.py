@@ -23,7 +23,7 @@ import os
 import stat
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pyarrow as pa
 
@@ -58,10 +58,14 @@ def input_format(path: Path) -> str:
 class RequestSource:
     """An opened input: `total` rows (None if unknown without a full read), `kept_fields`, iteration."""
 
-    def __init__(self, spec: InputSpec, model: ModelSpec, *, limit: int | None = None, count: bool = True) -> None:
+    def __init__(self, spec: InputSpec, model: ModelSpec, *, limit: int | None = None, count: bool = True,
+                 decorate: Callable[[Request], Request] | None = None) -> None:
         self.spec = spec
         self.model = model
         self.limit = limit
+        # Applied to every rendered request (structured output asks for JSON), so every executor, the dry run
+        # and the request digest see the request as it is sent.
+        self.decorate = decorate
         self.path = spec.path
         self.format = input_format(spec.path)
         self._count = count  # False: `total` stays None where knowing it takes a pass over the file
@@ -213,18 +217,21 @@ class RequestSource:
                 "json": self._array_rows}.get(self.format.removesuffix(".gz"), self._jsonl_rows)()
         limit = self.limit
         needed = self.spec.needed_columns()
+        decorate = self.decorate
         try:
             for row_id, (where, values, check) in enumerate(rows):
                 if limit is not None and row_id >= limit:
                     return
-                yield build_request(values, row_id=row_id, where=where, spec=self.spec, model=self.model,
-                                    keep_as_text=self.format != "parquet", check_columns=needed if check else ())
+                request = build_request(values, row_id=row_id, where=where, spec=self.spec, model=self.model,
+                                        keep_as_text=self.format != "parquet", check_columns=needed if check else ())
+                yield request if decorate is None else decorate(request)
         except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
             raise SourceError(f"{self.path}: input became unreadable while reading ({exc})") from None
 
 
-def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None) -> RequestSource:
-    return RequestSource(spec, model, limit=limit)
+def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None,
+                decorate: Callable[[Request], Request] | None = None) -> RequestSource:
+    return RequestSource(spec, model, limit=limit, decorate=decorate)
 
 
 def check_not_empty(spec: InputSpec, model: ModelSpec, *, fail: bool) -> str | None:

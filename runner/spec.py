@@ -8,6 +8,7 @@ which changes only what was given.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import string
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 from .endpoint_names import key_env_problem, resolve_host
 from .errors import SpecError
 from .records import RESERVED_COLUMNS
+from .structured import load_schema, property_fields
 
 DIALECTS = ("openai", "dashscope")
 MODES = ("online", "batch")
@@ -120,11 +122,15 @@ class RunSpec:
     batch_max_lines: int = BATCH_MAX_LINES
     batch_max_bytes: int = BATCH_MAX_BYTES
     batch_description: str | None = None
+    reask_attempts: int = 2  # [output] json_schema: re-asks after an answer that does not validate
 
 
 @dataclass(frozen=True)
 class OutputSpec:
     path: Path
+    json_schema: str | None = None  # the output schema as canonical JSON text (runner/structured.py)
+    json_schema_name: str = "output"  # its name in a json_schema response_format
+    parsed_columns: bool = False  # the schema's top-level properties as typed columns too
 
     @property
     def summary_path(self) -> Path:
@@ -158,7 +164,7 @@ class JobSpec:
                 _check_override(name, value)
                 spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=value))
             elif name == "output":
-                spec = dataclasses.replace(spec, output=OutputSpec(_parquet_path(Path(value))))
+                spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=_parquet_path(Path(value))))
             elif name in sections:
                 section = sections[name]
                 _check_override(name, value)
@@ -211,6 +217,7 @@ def template_fields(template: str) -> tuple[str, ...]:
 # --- the key table -----------------------------------------------------------------------------
 
 _STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "true or false"
+_PATH_OR_TABLE = "a path (a string) or an inline table"
 # Keys whose wrong-typed value is not shown back: a key pasted there must not be echoed.
 _SECRET_NEIGHBOURS = ("api_key_env", "api_key_file")
 _STREAM = 'true, false or "auto"'
@@ -242,8 +249,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
             "adaptive_rate": _BOOL, "expected_output_tokens": _INT, "cooldown_seconds": _NUM,
             "retry_budget": _NUM, "max_cost": _NUM, "mode": _STR, "completion_window": _STR,
             "batch_fallback_after": _STR, "batch_poll_seconds": _NUM, "batch_max_lines": _INT,
-            "batch_max_bytes": _INT, "batch_description": _STR},
-    "output": {"path": _STR},
+            "batch_max_bytes": _INT, "batch_description": _STR, "reask_attempts": _INT},
+    "output": {"path": _STR, "json_schema": _PATH_OR_TABLE, "parsed_columns": _BOOL},
 }
 
 
@@ -305,6 +312,7 @@ BOUNDS: dict[tuple[str, str], Bound] = {
     ("run", "batch_poll_seconds"): _POSITIVE_SECONDS,
     ("run", "batch_max_lines"): Bound(1, BATCH_MAX_LINES, why=f"the Batch API takes at most {BATCH_MAX_LINES:,} lines a file"),
     ("run", "batch_max_bytes"): Bound(1, BATCH_MAX_BYTES, why=f"the Batch API takes at most {BATCH_MAX_BYTES:,} bytes a file"),
+    ("run", "reask_attempts"): Bound(0, 10, why="each re-ask is a paid request that also resends the answer"),
 }
 # [run.limits] "model" = { rpm = .., tpm = .. } take the same values as [run] rpm and tpm.
 BOUNDS.update({("run.limits", key): BOUNDS[("run", key)] for key in ("rpm", "tpm")})
@@ -325,6 +333,8 @@ def _type_ok(expected: str, value: Any) -> bool:
         return isinstance(value, bool) or value == "auto"
     if expected == "a table":
         return isinstance(value, dict)
+    if expected == _PATH_OR_TABLE:
+        return isinstance(value, (str, dict))
     if expected == "a list of strings":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if expected.startswith("a string or a list"):
@@ -522,12 +532,42 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         cooldown_seconds=float(get("run", "cooldown_seconds", 0.25)),
         retry_budget=float(get("run", "retry_budget", 1.0)),
         max_cost=get("run", "max_cost", None),
+        reask_attempts=get("run", "reask_attempts", 2),
     )
     run = _batch_settings(run, get, fail)
 
     # [output]
-    output = OutputSpec(_parquet_path(_join(base, require("output", "path"))))
+    output = _structured_output(OutputSpec(_parquet_path(_join(base, require("output", "path")))), get, fail,
+                                base=base, model=model, keep=keep)
     return JobSpec(source=source, input=inp, endpoint=endpoint, model=model, run=run, output=output)
+
+
+def _structured_output(output: OutputSpec, get, fail, *, base: Path, model: ModelSpec,
+                       keep: tuple[str, ...]) -> OutputSpec:
+    """[output] json_schema and parsed_columns, checked (runner/structured.py owns what the schema means)."""
+    value = get("output", "json_schema")
+    parsed_columns = get("output", "parsed_columns", False)
+    if value is None:
+        if parsed_columns:
+            _raise(fail("output", "parsed_columns", "needs [output] json_schema (the columns are its properties)"))
+        return output
+    try:
+        text, name = load_schema(value, base=base)
+    except ValueError as exc:
+        _raise(fail("output", "json_schema", str(exc)))
+    if parsed_columns:
+        for column in property_fields(json.loads(text)):
+            if column.name in RESERVED_COLUMNS or column.name in keep:
+                _raise(fail("output", "parsed_columns", f"the schema's property {column.name!r} would be a column "
+                            "that the output already has; rename the property or leave parsed_columns off"))
+    if model.params.get("enable_thinking") is True:
+        _raise(fail("model", "enable_thinking", "the API answers JSON only without thinking (400 \"Json mode "
+                    "response is not supported when enable_thinking is true\"); set it to false"))
+    given = model.params.get("response_format")
+    if given is not None and (given.get("type") if isinstance(given, dict) else None) not in ("json_object", "json_schema"):
+        _raise(fail("model", "response_format", "with [output] json_schema it must be of type json_object or "
+                    "json_schema (or left out: the runner picks one per model)"))
+    return dataclasses.replace(output, json_schema=text, json_schema_name=name, parsed_columns=parsed_columns)
 
 
 def _batch_settings(run: RunSpec, get, fail) -> RunSpec:

@@ -19,6 +19,7 @@ from .endpoints import chat_url
 from .batch.render import MAX_LINE_BYTES, batch_group, encode_line, fits_in_file
 from .files import os_errors
 from .sources import open_source
+from . import structured
 from .spec import JobSpec
 
 
@@ -121,7 +122,7 @@ class ValidationReport:
 
 
 def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
-    source = open_source(spec.input, spec.model, limit=spec.run.limit)
+    source = open_source(spec.input, spec.model, limit=spec.run.limit, decorate=structured.decorator(spec))
     build_payload = DIALECTS[spec.endpoint.dialect].build_payload
     streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
     batch = spec.run.mode == "batch"
@@ -251,7 +252,7 @@ def write_dry_run(spec: JobSpec) -> tuple[Path, int]:
     Nothing is sent and no key is needed. Returns the file and the number of requests in it."""
     from .endpoints import ApiKey
 
-    source = open_source(spec.input, spec.model, limit=spec.run.limit)
+    source = open_source(spec.input, spec.model, limit=spec.run.limit, decorate=structured.decorator(spec))
     dialect = DIALECTS[spec.endpoint.dialect]
     streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
     headers = {k: v for k, v in request_headers(spec.endpoint, ApiKey("")).items() if k != "Authorization"}

@@ -41,6 +41,9 @@ FAULT_NAMES: tuple[str, ...] = (
     "429concurrency",  # Throttling.Concurrency: "Too many concurrent requests."
     "500capacity",  # 500 ModelServingError: "... throttled due to system capacity limits ..."
     "503capacity",  # 503 ModelServingError, the same body
+    # Structured output: a 200 whose answer is not JSON or breaks the requested schema (instance.py),
+    # so re-asks can be rehearsed. Only requests that ask for JSON draw it; others answer normally.
+    "bad_json",
 )
 STREAM_FAULTS: frozenset[str] = frozenset(n for n in FAULT_NAMES if n.startswith("stream_"))
 _ORDER = {name: i for i, name in enumerate(FAULT_NAMES)}

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .instance import instance, quoted_schema
 from .config import (
     STREAM_ONLY,
     STREAM_ONLY_WHILE_THINKING,
@@ -82,6 +83,7 @@ class ChatCall:
     enable_thinking: bool | None = None
     thinking_budget: int | None = None
     response_format: str | None = None  # "json_object", "json_schema", "text" or None
+    json_schema: dict[str, Any] | None = None  # response_format.json_schema.schema, when it is a JSON object
     result_format: str = "message"  # native only: "message" or "text"
     stream: bool = False  # compat "stream": true; native X-DashScope-SSE / Accept header
     include_usage: bool = False  # compat stream_options.include_usage
@@ -177,7 +179,11 @@ def complete(call: ChatCall) -> Completion:
 
     last = _last_user_text(call.messages, texts)[:ECHO_CHARS]
     if json_mode:
-        content = json.dumps({"echo": last}, ensure_ascii=False)
+        # The schema asked for, else one the prompt quotes (json_object mode), else a plain object.
+        schema = call.json_schema if call.response_format == "json_schema" else None
+        schema = schema or quoted_schema(call.messages, texts)
+        value = instance(schema, last) if schema is not None else {"echo": last}
+        content = json.dumps(value, ensure_ascii=False)
     else:
         content = ECHO_PREFIX + last
     content_tokens = max(1, _tokens(len(content)))

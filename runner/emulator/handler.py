@@ -7,8 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .faults import STREAM_FAULTS, row_key
-from .generate import ApiError, ChatCall, Completion, complete
+from .faults import STREAM_FAULTS, draw, row_key
+from .generate import ApiError, ChatCall, Completion, complete, message_text
+from .instance import bad_answer, quoted_schema
 from .responses import (
     DASHSCOPE,
     ERRORS,
@@ -38,6 +39,7 @@ _TEXT = "text/plain"
 
 Dialect = OpenAIDialect | DashScopeDialect
 
+JSON_FORMATS = ("json_object", "json_schema")
 # Limiter verdict -> the error catalogue entry it answers with (and the stats key).
 LIMIT_ERRORS = {"rpm": "429", "tpm": "429tpm", "burst": "429burst"}
 
@@ -146,6 +148,8 @@ async def answer(
     fault = state.first_fault() or config.faults.pick(config.seed, key, attempt)
     if fault in STREAM_FAULTS and not call.stream:
         fault = None  # stream faults spare plain requests
+    if fault == "bad_json" and call.response_format not in JSON_FORMATS:
+        fault = None  # so do JSON faults requests that do not ask for JSON
     if fault is None:
         await state.delay()
         return await _success(request, ex, call, done, key)
@@ -157,6 +161,9 @@ async def answer(
     if fault in ERRORS:
         await state.delay()
         return ex.error(ApiError(fault))
+    if fault == "bad_json":
+        await state.delay()
+        return await _success(request, ex, call, _bad_json(state, call, done, key, attempt), key)
     if fault == "slow":
         await state.delay(config.slow_ms)
         return await _success(request, ex, call, done, key)
@@ -179,6 +186,17 @@ async def answer(
         await state.delay()
         return _drop(request)
     raise AssertionError(f"fault {fault!r} has no handler")  # FAULT_NAMES and this drifted
+
+
+def _bad_json(state: EmulatorState, call: ChatCall, done: Completion, key: str, attempt: int) -> Completion:
+    """The same completion (and usage: the model spent its tokens all the same) with an answer the client
+    must reject; which kind of bad is a second draw on the same (seed, key, attempt)."""
+    schema = call.json_schema if call.response_format == "json_schema" else None
+    if schema is None:
+        schema = quoted_schema(call.messages, [message_text(m.get("content")) for m in call.messages])
+    unit = draw(state.config.seed, key + "\x1fbad_json", attempt)
+    done.content = bad_answer(schema, done.content, unit)
+    return done
 
 
 async def _success(

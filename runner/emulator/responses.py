@@ -171,6 +171,13 @@ def _response_format(value: Any) -> str | None:
     return None
 
 
+def _json_schema(value: Any) -> dict[str, Any] | None:
+    """The schema of a json_schema response_format ({"type": "json_schema", "json_schema": {"schema": ...}})."""
+    inner = value.get("json_schema") if isinstance(value, dict) else None
+    schema = inner.get("schema") if isinstance(inner, dict) else None
+    return schema if isinstance(schema, dict) else None
+
+
 def _thinking_budget(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -229,6 +236,7 @@ class OpenAIDialect:
             enable_thinking=_thinking(data.get("enable_thinking")),
             thinking_budget=_thinking_budget(data.get("thinking_budget")),
             response_format=_response_format(data.get("response_format")),
+            json_schema=_json_schema(data.get("response_format")),
             stream=stream,
             include_usage=stream and include_usage,
             incremental_output=stream,
@@ -307,6 +315,7 @@ class DashScopeDialect:
             enable_thinking=_thinking(params.get("enable_thinking")),
             thinking_budget=_thinking_budget(params.get("thinking_budget")),
             response_format=_response_format(params.get("response_format")),
+            json_schema=_json_schema(params.get("response_format")),
             result_format=result_format,
             stream=stream,
             incremental_output=stream and params.get("incremental_output") is True,

@@ -24,6 +24,7 @@ from ..batch.pending import forget_emulator_batches, recorded_endpoint, status_a
 from ..batch.state import BatchRecord, BatchState
 from ..cost import BudgetReached, PriceBook
 from ..errors import Interrupted
+from .. import structured
 from . import Finish, JobRun, Stop
 
 if TYPE_CHECKING:
@@ -176,6 +177,9 @@ class _Tracker:
     def join(self, record: BatchRecord) -> bool:
         folder = self.state.folder
         results = join_batch(record, folder, self.prices)
+        checker = structured.for_job(self.spec)
+        if checker is not None:  # answers that do not validate are InvalidOutput (no re-ask inside a batch)
+            results = structured.check_batch_results(results, checker)
         self.job.commit(results)
         record.joined = True
         self.state.save()

@@ -27,6 +27,7 @@ from ..records import Request, Result
 from ..row_sender import RowSender, invalid_row_result
 from ..sink import DoneRows
 from ..sources import RequestSource
+from .. import structured
 from . import Finish, JobRun, Stop, Stopping, first_runner_error
 
 
@@ -78,7 +79,7 @@ class OnlineExecutor:
                     guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_model=spec.model.name,
                                             api_key=job.api_key)
                     sender = RowSender(guarded, policy, job.sleep, stop, limiter, retry_budget,
-                               spec.run.expected_output_tokens, prices, spend)
+                               spec.run.expected_output_tokens, prices, spend, structured.for_job(spec))
                     tg.start_soon(_run_workers, concurrency, sender, req_recv, res_send)
                     await _write_results(res_recv, job)
             except BaseExceptionGroup as group:
