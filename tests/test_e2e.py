@@ -187,7 +187,7 @@ def test_timeouts_and_dropped_connections_are_retried(tmp_path, make_emulator):
     """Hung requests time out, dropped connections and malformed bodies are retried; every row ends ok."""
     emu = make_emulator(faults={"hang": 0.03, "drop": 0.05, "malformed": 0.05, "502": 0.03}, hang_seconds=30)
     records = write_prompts(tmp_path / "prompts.jsonl", 300)
-    job = make_job(tmp_path, emu, endpoint={"timeout": 0.5}, run={"concurrency": 32})
+    job = make_job(tmp_path, emu, endpoint={"timeout": 1.5}, run={"concurrency": 32})
     result = run_cli("run", str(job))
     assert result.code == 0, result.stderr
     rows = read_output(tmp_path / "out/result.parquet")
