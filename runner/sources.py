@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping
 import pyarrow as pa
 
 from .errors import SourceError
+from .fanout import Expander, expanded_total, never_n
 from .records import Request
 from .rowcheck import MAX_NESTING, TOO_DEEP, UNDECODABLE, nested_problem, scrubbed, unencodable, value_problem
 from .spec import InputSpec, ModelSpec
@@ -58,10 +59,12 @@ def input_format(path: Path) -> str:
 class RequestSource:
     """An opened input: `total` rows (None if unknown without a full read), `kept_fields`, iteration."""
 
-    def __init__(self, spec: InputSpec, model: ModelSpec, *, limit: int | None = None, count: bool = True) -> None:
+    def __init__(self, spec: InputSpec, model: ModelSpec, *, limit: int | None = None, count: bool = True,
+                 provider_n=never_n) -> None:
         self.spec = spec
         self.model = model
         self.limit = limit
+        self.provider_n = provider_n  # runner.fanout.provider_n_rule: whether samples may share a request (`n`)
         self.path = spec.path
         self.format = input_format(spec.path)
         self._count = count  # False: `total` stays None where knowing it takes a pass over the file
@@ -78,6 +81,8 @@ class RequestSource:
             self.total = _count_lines(self.path) if self.format == "jsonl" and self._count else None
         if self.total is not None and limit is not None:
             self.total = min(self.total, limit)
+        self.input_total = self.total  # input rows; `total` counts output rows (fan-out: several a row)
+        self.total = expanded_total(spec, model, self.total)
 
     # -- Parquet -----------------------------------------------------------------------------
     def _open_parquet(self) -> None:
@@ -213,18 +218,20 @@ class RequestSource:
                 "json": self._array_rows}.get(self.format.removesuffix(".gz"), self._jsonl_rows)()
         limit = self.limit
         needed = self.spec.needed_columns()
+        expander = Expander(self.spec, self.model, build_request, self.provider_n)
+        keep_as_text = self.format != "parquet"
         try:
-            for row_id, (where, values, check) in enumerate(rows):
-                if limit is not None and row_id >= limit:
+            for input_row, (where, values, check) in enumerate(rows):
+                if limit is not None and input_row >= limit:
                     return
-                yield build_request(values, row_id=row_id, where=where, spec=self.spec, model=self.model,
-                                    keep_as_text=self.format != "parquet", check_columns=needed if check else ())
+                yield from expander.expand(values, where=where, keep_as_text=keep_as_text,
+                                           check_columns=needed if check else ())
         except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
             raise SourceError(f"{self.path}: input became unreadable while reading ({exc})") from None
 
 
-def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None) -> RequestSource:
-    return RequestSource(spec, model, limit=limit)
+def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None, provider_n=never_n) -> RequestSource:
+    return RequestSource(spec, model, limit=limit, provider_n=provider_n)
 
 
 def check_not_empty(spec: InputSpec, model: ModelSpec, *, fail: bool) -> str | None:
@@ -392,6 +399,9 @@ def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, mode
         if row_params not in (None, ""):
             if not isinstance(row_params, dict):
                 return bad(f"column {spec.params_column!r}: expected a JSON object, got {_what(row_params)}", kept)
+            if "n" in row_params:  # n - 1 paid answers would be dropped: samples are the job's to ask for
+                return bad(f"column {spec.params_column!r}: n is not passed through (only the first answer would be "
+                           "kept); set [model] samples = N for N answers per row", kept)
             params.update(row_params)
 
     if spec.prompt_column:

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from .faults import STREAM_FAULTS, row_key
-from .generate import ApiError, ChatCall, Completion, complete
+from .generate import ApiError, ChatCall, Completion, complete, with_choices
 from .responses import (
     DASHSCOPE,
     ERRORS,
@@ -130,7 +130,7 @@ async def answer(
             ex.entry[3:6] = label, key, attempt
         if call.model not in config.models:
             raise ApiError("model_not_found", call.model)
-        done = complete(call)
+        done = with_choices(call, complete(call))
         tokens = done.prompt_tokens + done.completion_tokens
         verdict = state.limits.check(call.model, tokens)
         if verdict is not None:
