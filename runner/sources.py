@@ -65,6 +65,7 @@ class RequestSource:
         self.model = model
         self.limit = limit
         self.provider_n = provider_n  # runner.fanout.provider_n_rule: whether samples may share a request (`n`)
+        self.input_rows_read = 0  # input rows the last iteration read (several requests each with fan-out)
         self.path = spec.path
         self.format = input_format(spec.path)
         self._count = count  # False: `total` stays None where knowing it takes a pass over the file
@@ -220,10 +221,12 @@ class RequestSource:
         needed = self.spec.needed_columns()
         expander = Expander(self.spec, self.model, build_request, self.provider_n)
         keep_as_text = self.format != "parquet"
+        self.input_rows_read = 0
         try:
             for input_row, (where, values, check) in enumerate(rows):
                 if limit is not None and input_row >= limit:
                     return
+                self.input_rows_read += 1
                 yield from expander.expand(values, where=where, keep_as_text=keep_as_text,
                                            check_columns=needed if check else ())
         except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
