@@ -617,6 +617,8 @@ def _per_model_params(table: Mapping[str, Any], names: tuple[str, ...], fail) ->
         params = {}
         for key, item in value.items():
             expected = "a table" if key == "extra" else MODEL_PARAMS.get(key)
+            if key == "n":
+                _refuse_n(value, f"{at}.n", fail)
             if expected is None:
                 _raise(fail("model", f"{at}.{_unechoed(key)}",
                             f"unknown parameter; expected one of {', '.join(MODEL_PARAMS)} or extra"))
