@@ -10,7 +10,15 @@ Two measurements, each printed with its ratio (fan-out / plain); the target (iss
 - the source alone: tracemalloc's peak while every request of the input is made (the expansion itself),
   which shows that the product is never held in memory.
 
-It asserts nothing (it is not part of the unit suite).
+It asserts nothing (it is not part of the unit suite). Measured on the shared 2-core machine (noisy: other
+test suites ran at the same time), --same-output:
+    plain    10,000 rows  10,000 requests  peak RSS 127.4 MB  source peak 1.01 MB
+    fanout   90,000 rows  70,000 requests  peak RSS 152.1 MB  source peak 1.02 MB
+    plain9x  90,000 rows  90,000 requests  peak RSS 158.9 MB  source peak 1.01 MB
+    ratio fan-out / plain: RSS 1.194 (1.231 in a second run), source 1.011; fan-out / plain9x: RSS 0.957.
+The whole run's difference is the output's size, not the fan-out: the final merge reads up to 16,384 rows
+a window (sink.MERGE_WINDOW_ROWS), which a 10,000-row output never fills and a 90,000-row one does; the
+same 90,000 rows without fan-out take more.
 """
 
 from __future__ import annotations
