@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
-import time
 from typing import Any, Callable
 
 import click
@@ -62,7 +60,8 @@ def _job_overrides(func: Callable) -> Callable:
         click.option("--model", help="Model name (overrides [model] name; per-row model columns still win)."),
         click.option("--base-url", help="Endpoint base URL, e.g. http://127.0.0.1:8000/compatible-mode/v1."),
         click.option("--max-error-rate", type=float,
-                     help="Exit 3 when more than this fraction of rows failed (default [run] max_error_rate, 0)."),
+                     help="Exit 3 when more than this fraction of a model's rows failed (each model on its own; default [run] "
+                          "max_error_rate, 0)."),
         click.option("--mode", type=click.Choice(["online", "batch"]),
                      help="Send rows one request each (online) or through the Batch API at batch prices "
                           "(overrides [run] mode)."),
@@ -171,9 +170,12 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
     if not quiet:
         click.echo(summary.render(), err=True)
         click.echo(f"summary    {spec.output.summary_path}", err=True)
-    if summary.rows and summary.error_rate > spec.run.max_error_rate:
-        click.echo(f"error: {summary.failed:,} of {summary.rows:,} rows failed ({summary.error_rate:.2%}), more than "
+    crossed = summary.error_rate_breaches(spec.run.max_error_rate)  # each model on its own
+    for model, share in crossed:
+        which = f"model {model}: " if model and len(summary.models) > 1 else ""
+        click.echo(f"error: {which}{share.failed:,} of {share.rows:,} rows failed ({share.error_rate:.2%}), more than "
                    f"--max-error-rate {spec.run.max_error_rate:g} allows", err=True)
+    if crossed:
         return EXIT_TOO_MANY_FAILED
     return EXIT_OK
 

@@ -120,7 +120,8 @@ class PriceBook:
             raise NoPrice(f"model {request.model!r} has no known output cap, so [run] max_cost cannot be guaranteed",
                           hint="set [model] max_tokens")
         output_price = max(price.output, price.thinking_output)
-        return (input_token_bound(request.messages) * price.input + int(cap) * output_price) / PER_TOKENS
+        answers = len(request.members) or 1  # a request with `n` pays for n answers
+        return (input_token_bound(request.messages) * price.input + int(cap) * answers * output_price) / PER_TOKENS
 
 
 def input_token_bound(messages: Iterable[Mapping[str, Any]]) -> int:

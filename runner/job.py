@@ -26,6 +26,7 @@ from .executors import (Executor, Finish, JobRun, NoticeCallback, ResultCallback
                         first_runner_error)
 from .executors.batch import BatchExecutor
 from .executors.online import OnlineExecutor
+from .fanout import fans_out, provider_n_rule
 from .files import write_file_atomic
 from .records import result_schema
 from .report import RunSummary, summarize_file
@@ -47,18 +48,23 @@ def job_fingerprint(spec: JobSpec) -> dict[str, str]:
     """Everything that shapes every request, so a rerun only resumes the same job. Changes to single
     input rows are caught row by row (Request.digest), so an edited or grown input resumes."""
     inp = spec.input
-    return {
+    fingerprint = {
         "input": inp.path.name,
         "rows": f"{inp.id_column}|{inp.prompt_column}|{inp.messages_column}|{inp.template}|{inp.system_prompt}",
         "overrides": f"{inp.model_column}|{inp.params_column}",
         "keep_columns": ",".join(inp.keep_columns),
         "endpoint": f"{spec.endpoint.dialect} "
                     f"{EMULATOR_ENDPOINT if spec.endpoint.emulator else base_url(spec.endpoint)}",
-        "model": spec.model.name,
+        "model": ",".join(spec.model.all_names),
         "params": json.dumps(dict(spec.model.params), sort_keys=True, default=str),
         "stream": f"{spec.model.stream} {','.join(spec.model.stream_only_models)}",
         **structured.fingerprint(spec),
     }
+    if fans_out(inp, spec.model):  # only then: a job without fan-out keeps the fingerprint it always had
+        fingerprint["fanout"] = json.dumps({"variants": [v.name for v in inp.variants], "samples": spec.model.samples,
+                                            "model_params": {m: dict(p) for m, p in spec.model.model_params.items()}},
+                                           sort_keys=True, default=str)
+    return fingerprint
 
 
 def open_sink(spec: JobSpec, source: RequestSource, *, overwrite: bool, restart: bool, retry_failed: str,
@@ -99,7 +105,8 @@ async def run_job(spec: JobSpec, *, api_key: ApiKey | None = None, transport: ht
     if online:  # before the input is read: sending rows that pending batches hold would pay for them twice
         guard_pending_batches(spec, restart=restart, online=True)
     retry_failed = retry_failed or executor.default_retry_failed
-    source = open_source(spec.input, spec.model, limit=spec.run.limit, decorate=structured.decorator(spec))
+    source = open_source(spec.input, spec.model, limit=spec.run.limit, provider_n=provider_n_rule(spec),
+                         decorate=structured.decorator(spec))
     if api_key is None:
         api_key = resolve_api_key(spec.endpoint, environ)
     if not online:  # --restart must not lose the batches still running

@@ -22,7 +22,7 @@ from .records import Result, Usage
 _USAGE = ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 _SCALARS = ("row_id", "key", "model", "status", "mode", "response", "reasoning", "finish_reason", "cost", "request_id",
             "error_type", "error_code", "error_message", "http_status", "attempts", "latency_ms", "duration_ms",
-            "time_to_first_token_ms", "request_hash", "parsed", "parse_error")
+            "time_to_first_token_ms", "request_hash", "parsed", "parse_error", "variant", "sample_index")
 
 
 def _encode_value(value: Any) -> Any:

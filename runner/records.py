@@ -25,14 +25,36 @@ class Request:
     params: Mapping[str, Any] = field(default_factory=dict)
     kept: Mapping[str, Any] = field(default_factory=dict)
     problem: str | None = None
+    # Fan-out (runner/fanout.py): the prompt variant's name, and the sample's index (None when the job has
+    # no fan-out at all). `members`: the output rows one request answers with several choices (provider
+    # `n`), each a Request of its own (row_id, sample_index, digest); empty for a request of one row.
+    variant: str | None = None
+    sample_index: int | None = None
+    members: tuple["Request", ...] = ()
 
     def digest(self) -> int:
         """A stable 64-bit hash of everything that makes this row's request and output row (never 0).
 
-        A rerun compares it with the one recorded for the row, so a row whose input changed is sent again."""
-        text = json.dumps([self.key, self.model, self.messages, self.params, self.kept, self.problem],
-                          sort_keys=True, ensure_ascii=False, default=str)
+        A rerun compares it with the one recorded for the row, so a row whose input changed is sent again.
+        A job without fan-out hashes what it always did, so its earlier outputs resume."""
+        what = [self.key, self.model, self.messages, self.params, self.kept, self.problem]
+        if self.sample_index is not None:
+            what += [self.variant, self.sample_index]
+        text = json.dumps(what, sort_keys=True, ensure_ascii=False, default=str)
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True) | 1
+
+    @property
+    def row_key(self) -> str:
+        """What names this output row to the server (the emulator counts answers per row by it): the key,
+        and for a fanned-out row its model, variant and sample too."""
+        if self.sample_index is None:
+            return self.key
+        return f"{self.key}#{self.model}#{self.variant or ''}#{self.sample_index}"
+
+    @property
+    def rows(self) -> tuple["Request", ...]:
+        """The output rows this request answers: its members, or itself."""
+        return self.members or (self,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +67,18 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Choice:
+    """One answer of several to one request (the provider's `n`)."""
+
+    content: str | None
+    reasoning: str | None
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
-    """A parsed successful answer."""
+    """A parsed successful answer. `content`, `reasoning` and `finish_reason` are the first choice's;
+    `choices` holds every choice when the answer has more than one (a request with `n`)."""
 
     content: str | None
     reasoning: str | None
@@ -55,6 +87,11 @@ class Completion:
     request_id: str | None
     http_status: int = 200
     first_token_ms: float | None = None  # streamed answers: time from sending to the first text
+    choices: tuple[Choice, ...] = ()
+
+    @property
+    def all_choices(self) -> tuple[Choice, ...]:
+        return self.choices or (Choice(self.content, self.reasoning, self.finish_reason),)
 
 
 @dataclass(slots=True)
@@ -89,6 +126,8 @@ class Result:
     # [output] json_schema: the valid answer as compact JSON text, or the last answer's validation error.
     parsed: str | None = None
     parse_error: str | None = None
+    variant: str | None = None  # fan-out: the prompt variant's name
+    sample_index: int | None = None  # fan-out: 0-based; None for a job without fan-out
 
     @property
     def ok(self) -> bool:
@@ -105,7 +144,8 @@ def unsent_result(request: Request, code: str, message: str, *, mode: str = "onl
     now = datetime.now(timezone.utc)
     return Result(row_id=request.row_id, key=request.key, model=request.model, status=STATUS_ERROR, mode=mode,
                   kept=request.kept, error_type="InvalidRow", error_code=code, error_message=message, attempts=0,
-                  started_at=now, finished_at=now, request_hash=request.digest())
+                  started_at=now, finished_at=now, request_hash=request.digest(), variant=request.variant,
+                  sample_index=request.sample_index)
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -113,6 +153,8 @@ _TS = pa.timestamp("us", tz="UTC")
 LEADING_FIELDS = (pa.field("row_id", pa.int64(), nullable=False), pa.field("key", pa.string()))
 RESULT_FIELDS = (
     pa.field("model", pa.string()),
+    pa.field("variant", pa.string()),
+    pa.field("sample_index", pa.int32()),
     pa.field("response", pa.string()),
     pa.field("reasoning", pa.string()),
     pa.field("finish_reason", pa.string()),
@@ -195,6 +237,8 @@ def results_to_table(results: list[Result], schema: pa.Schema) -> pa.Table:
         "row_id": [r.row_id for r in results],
         "key": [r.key for r in results],
         "model": [r.model for r in results],
+        "variant": [r.variant for r in results],
+        "sample_index": [r.sample_index for r in results],
         "response": [r.response for r in results],
         "reasoning": [r.reasoning for r in results],
         "finish_reason": [r.finish_reason for r in results],

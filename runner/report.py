@@ -30,7 +30,8 @@ def _percentiles(values: array) -> dict[str, float | None]:
 
 @dataclass
 class ModelSummary:
-    """One model's share of a run (a job with a model_column sends to several)."""
+    """One model's (or one prompt variant's) share of a run: [model] names or a model_column send to
+    several models, [[input.variants]] prompt each row several ways."""
 
     rows: int = 0
     ok: int = 0
@@ -39,11 +40,26 @@ class ModelSummary:
     cost: float = 0.0
     _latencies: array = field(default_factory=lambda: array("d"), repr=False)
 
+    @property
+    def error_rate(self) -> float:
+        return self.failed / self.rows if self.rows else 0.0
+
+    def add(self, result: Result) -> None:
+        self.rows += 1
+        if result.ok:
+            self.ok += 1
+            if result.latency_ms is not None:
+                self._latencies.append(result.latency_ms)
+        else:
+            self.failed += 1
+        self.total_tokens += result.usage.total_tokens or 0
+        self.cost += result.cost or 0.0
+
     def to_dict(self) -> dict[str, Any]:
         latency = _percentiles(self._latencies)
-        return {"rows": self.rows, "ok": self.ok, "failed": self.failed, "total_tokens": self.total_tokens,
-                "cost": round(self.cost, 6),
-                "latency_ms": {k: (round(latency[k], 1) if latency[k] is not None else None) for k in ("p50", "p99")}}
+        return {"rows": self.rows, "ok": self.ok, "failed": self.failed, "error_rate": round(self.error_rate, 6),
+                "total_tokens": self.total_tokens, "cost": round(self.cost, 6),
+                "latency_ms": {k: (round(v, 1) if v is not None else None) for k, v in latency.items()}}
 
 
 @dataclass
@@ -62,6 +78,7 @@ class RunSummary:
     attempts: int = 0              # requests sent, retries included
     errors: Counter = field(default_factory=Counter)        # (error_type, error_code, http_status) -> rows
     models: dict = field(default_factory=dict)               # model -> ModelSummary
+    variants: dict = field(default_factory=dict)             # [[input.variants]] name -> ModelSummary
     finish_reasons: Counter = field(default_factory=Counter)
     modes: Counter = field(default_factory=Counter)          # "online" / "batch" -> rows
     input_tokens: int = 0
@@ -84,24 +101,23 @@ class RunSummary:
         model = self.models.get(result.model)
         if model is None:
             model = self.models[result.model] = ModelSummary()
-        model.rows += 1
+        model.add(result)  # latencies are kept once, per model (8 bytes a row); the run's are their union
+        if result.variant is not None:
+            variant = self.variants.get(result.variant)
+            if variant is None:
+                variant = self.variants[result.variant] = ModelSummary()
+            variant.add(result)
         if result.ok:
             self.ok += 1
-            model.ok += 1
             self.finish_reasons[result.finish_reason or "unknown"] += 1
-            if result.latency_ms is not None:  # kept once, per model (8 bytes a row); the run's are their union
-                model._latencies.append(result.latency_ms)
         else:
             self.failed += 1
-            model.failed += 1
             # The HTTP status tells codeless errors apart (a 502 from a 504); with a code it adds nothing.
             status = result.http_status if not result.error_code else None
             self.errors[(result.error_type or "Error", result.error_code or "", status)] += 1
         if result.duration_ms is not None:  # every row that was sent, failed ones too: they are the slow ones
             self._durations.append(result.duration_ms)
         self.cost += result.cost or 0.0
-        model.cost += result.cost or 0.0
-        model.total_tokens += result.usage.total_tokens or 0
         usage = result.usage
         self.input_tokens += usage.input_tokens or 0
         self.output_tokens += usage.output_tokens or 0
@@ -116,6 +132,14 @@ class RunSummary:
     @property
     def error_rate(self) -> float:
         return self.failed / self.rows if self.rows else 0.0
+
+    def error_rate_breaches(self, limit: float) -> list[tuple[str, ModelSummary]]:
+        """The models whose own share of failed rows is above `limit` (--max-error-rate applies to each model,
+        so one failing model is not hidden by the clean ones), worst first; for one model, the run's rate."""
+        crossed = [(name, m) for name, m in self.models.items() if m.rows and m.error_rate > limit]
+        if not self.models and self.rows and self.error_rate > limit:  # rows without a model (an old output)
+            crossed.append(("", ModelSummary(rows=self.rows, ok=self.ok, failed=self.failed)))
+        return sorted(crossed, key=lambda item: -item[1].error_rate)
 
     def latency_percentiles(self) -> dict[str, float | None]:
         """Of the successful rows' last attempts."""
@@ -162,6 +186,7 @@ class RunSummary:
             "latency_ms": {k: (round(v, 1) if v is not None else None) for k, v in self.latency_percentiles().items()},
             "duration_ms": {k: (round(v, 1) if v is not None else None) for k, v in self.duration_percentiles().items()},
             "models": {m: s.to_dict() for m, s in sorted(self.models.items(), key=lambda kv: -kv[1].rows)},
+            **({"variants": {v: s.to_dict() for v, s in self.variants.items()}} if self.variants else {}),
             "cost": {"spent": round(self.cost, 6), "currency": self.currency,
                      "projected_total": (round(self.cost / self.rows * self.total_rows, 6)
                                          if self.rows and self.total_rows else None)},
@@ -214,11 +239,9 @@ class RunSummary:
         for model, rc in self.rate_control.items():
             lines.append("rate       " + _describe_rate(model, rc))
         if len(self.models) > 1:
-            for model, m in d["models"].items():
-                lines.append(f"model      {model}: {m['rows']:,} rows  ok {m['ok']:,}  failed {m['failed']:,}  "
-                             f"tokens {m['total_tokens']:,}"
-                             + (f"  cost {m['cost']:,.4f} {self.currency or ''}".rstrip() if m["cost"] else "")
-                             + f"  latency p50 {_ms(m['latency_ms']['p50'])}  p99 {_ms(m['latency_ms']['p99'])}")
+            lines.extend(self._share_line("model", model, m) for model, m in d["models"].items())
+        if self.variants:
+            lines.extend(self._share_line("variant", variant, v) for variant, v in d["variants"].items())
         for err in d["errors"][:10]:
             lines.append(f"error      {err['rows']:,} x {err['error_type']}"
                          + (f" {err['error_code']}" if err["error_code"] else "")
@@ -228,6 +251,15 @@ class RunSummary:
         if self.output:
             lines.append(f"output     {self.output}")
         return "\n".join(lines)
+
+
+    def _share_line(self, kind: str, name: str, m: dict) -> str:
+        """One model's or variant's line: rows, ok, failed, tokens, cost, latency percentiles."""
+        return (f"{kind:<10} {name}: {m['rows']:,} rows  ok {m['ok']:,}  failed {m['failed']:,}  "
+                f"tokens {m['total_tokens']:,}"
+                + (f"  cost {m['cost']:,.4f} {self.currency or ''}".rstrip() if m["cost"] else "")
+                + f"  latency p50 {_ms(m['latency_ms']['p50'])}  p90 {_ms(m['latency_ms']['p90'])}"
+                  f"  p99 {_ms(m['latency_ms']['p99'])}")
 
 
 def _describe_rate(model: str, rc: dict) -> str:
@@ -263,8 +295,8 @@ def _ms(value: float | None) -> str:
 
 SUMMARY_COLUMNS = ["status", "error_type", "error_code", "finish_reason", "attempts", "latency_ms", "cost", "input_tokens",
                    "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "started_at", "finished_at"]
-# Not in every output: mode came with batch mode, duration_ms with issue 17 (older outputs read as null).
-OPTIONAL_COLUMNS = ["mode", "model", "http_status", "duration_ms"]
+# Not in every output: mode came with batch mode, duration_ms with issue 17, variant with fan-out (issue 16).
+OPTIONAL_COLUMNS = ["mode", "model", "http_status", "duration_ms", "variant"]
 
 
 def summarize_file(path: str | Path) -> RunSummary:
@@ -326,7 +358,8 @@ def _result(row: dict[str, Any]) -> Result:
                     row["reasoning_tokens"]),
         cost=row["cost"], error_type=row["error_type"], error_code=row["error_code"],
         http_status=row.get("http_status"), attempts=row["attempts"] or 0, latency_ms=row["latency_ms"],
-        duration_ms=row.get("duration_ms"), started_at=row["started_at"], finished_at=row["finished_at"])
+        duration_ms=row.get("duration_ms"), started_at=row["started_at"], finished_at=row["finished_at"],
+        variant=row.get("variant"))
 
 
 def _summarize_parts(path: Path, parts_dir: Path) -> RunSummary:

@@ -41,7 +41,8 @@ def ok_result(request: Request, outcome, started_at: datetime, cost: float | Non
                   request_id=completion.request_id, http_status=completion.http_status,
                   attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
                   duration_ms=_duration_ms(first_sent), time_to_first_token_ms=completion.first_token_ms,
-                  started_at=started_at, finished_at=_now(), request_hash=request.digest())
+                  started_at=started_at, finished_at=_now(), request_hash=request.digest(), variant=request.variant,
+                  sample_index=request.sample_index)
 
 
 def error_result(request: Request, outcome, started_at: datetime, cost: None = None,
@@ -51,7 +52,41 @@ def error_result(request: Request, outcome, started_at: datetime, cost: None = N
                   kept=request.kept, request_id=error.request_id, error_type=error.error_type,
                   error_code=error.code, error_message=error.message, http_status=error.http_status,
                   attempts=outcome.attempts, latency_ms=outcome.last_latency_ms,
-                  duration_ms=_duration_ms(first_sent), started_at=started_at, finished_at=_now(), request_hash=request.digest())
+                  duration_ms=_duration_ms(first_sent), started_at=started_at, finished_at=_now(), request_hash=request.digest(),
+                  variant=request.variant, sample_index=request.sample_index)
+
+
+def sample_results(request: Request, outcome, started_at: datetime, cost: float | None,
+                   first_sent: float | None) -> list[Result]:
+    """The rows of one request that asked for several answers (`n`): choice i answers member i.
+
+    The request's usage, cost and attempts go on its first row only (the others have null tokens and cost and
+    0 attempts, and share its request_id), so the table's sums are what was paid and sent. A failed request
+    fails every member; an answer with fewer choices than members makes the missing ones BadResponse rows
+    (retried by a rerun), never silently dropped."""
+    if outcome.completion is None:
+        first, *others = [error_result(row, outcome, started_at, first_sent=first_sent) for row in request.members]
+        for result in others:
+            result.attempts = 0
+        return [first, *others]
+    completion = outcome.completion
+    choices = completion.all_choices
+    results = []
+    for index, row in enumerate(request.members):
+        if index >= len(choices):
+            result = error_result(row, outcome, started_at, first_sent=first_sent)
+            result.error_type, result.error_code = "BadResponse", "missing_choice"
+            result.error_message = f"the answer has {len(choices)} choices for {len(request.members)} samples"
+            result.http_status, result.request_id = completion.http_status, completion.request_id
+        else:
+            choice = choices[index]
+            result = ok_result(row, outcome, started_at, cost, first_sent)
+            result.response, result.reasoning, result.finish_reason = \
+                choice.content, choice.reasoning, choice.finish_reason
+        if index:
+            result.usage, result.cost, result.attempts = Usage(), None, 0
+        results.append(result)
+    return results
 
 
 def invalid_row_result(request: Request) -> Result:
@@ -76,11 +111,13 @@ class RowSender:
     structured: StructuredOutput | None = None  # [output] json_schema: answers are checked and re-asked
 
     async def results_of(self, request: Request) -> list[Result]:
-        """The request's output rows (one per request today): its answer, or its failure as an error row.
+        """The request's output rows (one, or one per member of a request with `n`): its answer, or its failure as an error row.
         Raises Stopping once the run is stopping (the row is left for the rerun) and RunnerError for what
         stops the whole run."""
         started_at = _now()
         outcome, cost, first_sent = await _send(self, request)
+        if request.members:  # samples sharing one request (`n`): never under [output] json_schema
+            return sample_results(request, outcome, started_at, cost, first_sent)
         if outcome.completion is not None and self.structured is not None:
             return [await _checked_result(self, self.structured, request, outcome, cost, started_at, first_sent)]
         if outcome.completion is not None:
@@ -161,7 +198,8 @@ async def _send(sender: RowSender, request: Request) -> tuple[Outcome, float | N
     Raises Stopping, before anything more is sent, once the run is stopping."""
     model = request.model
     limiter = sender.limiter
-    reserve = estimate_prompt_tokens(request.messages) + output_reserve(request.params, sender.expected_output_tokens)
+    reserve = estimate_prompt_tokens(request.messages) + \
+        output_reserve(request.params, sender.expected_output_tokens) * len(request.rows)  # `n` answers
     worst_cost = sender.prices.worst_case(request) if sender.spend is not None else 0.0
     last_error = ""
     sent_at = Sent(0.0, 0)

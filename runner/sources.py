@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 import pyarrow as pa
 
 from .errors import SourceError
+from .fanout import Expander, expanded_total, never_n
 from .records import Request
 from .rowcheck import MAX_NESTING, TOO_DEEP, UNDECODABLE, nested_problem, scrubbed, unencodable, value_problem
 from .spec import InputSpec, ModelSpec
@@ -59,13 +60,15 @@ class RequestSource:
     """An opened input: `total` rows (None if unknown without a full read), `kept_fields`, iteration."""
 
     def __init__(self, spec: InputSpec, model: ModelSpec, *, limit: int | None = None, count: bool = True,
-                 decorate: Callable[[Request], Request] | None = None) -> None:
+                 provider_n=never_n, decorate: Callable[[Request], Request] | None = None) -> None:
         self.spec = spec
         self.model = model
         self.limit = limit
+        self.provider_n = provider_n  # runner.fanout.provider_n_rule: whether samples may share a request (`n`)
         # Applied to every rendered request (structured output asks for JSON), so every executor, the dry run
         # and the request digest see the request as it is sent.
         self.decorate = decorate
+        self.input_rows_read = 0  # input rows the last iteration read (several requests each with fan-out)
         self.path = spec.path
         self.format = input_format(spec.path)
         self._count = count  # False: `total` stays None where knowing it takes a pass over the file
@@ -82,6 +85,8 @@ class RequestSource:
             self.total = _count_lines(self.path) if self.format == "jsonl" and self._count else None
         if self.total is not None and limit is not None:
             self.total = min(self.total, limit)
+        self.input_total = self.total  # input rows; `total` counts output rows (fan-out: several a row)
+        self.total = expanded_total(spec, model, self.total)
 
     # -- Parquet -----------------------------------------------------------------------------
     def _open_parquet(self) -> None:
@@ -218,20 +223,24 @@ class RequestSource:
         limit = self.limit
         needed = self.spec.needed_columns()
         decorate = self.decorate
+        expander = Expander(self.spec, self.model, build_request, self.provider_n)
+        keep_as_text = self.format != "parquet"
+        self.input_rows_read = 0
         try:
-            for row_id, (where, values, check) in enumerate(rows):
-                if limit is not None and row_id >= limit:
+            for input_row, (where, values, check) in enumerate(rows):
+                if limit is not None and input_row >= limit:
                     return
-                request = build_request(values, row_id=row_id, where=where, spec=self.spec, model=self.model,
-                                        keep_as_text=self.format != "parquet", check_columns=needed if check else ())
-                yield request if decorate is None else decorate(request)
+                self.input_rows_read += 1
+                for request in expander.expand(values, where=where, keep_as_text=keep_as_text,
+                                               check_columns=needed if check else ()):
+                    yield request if decorate is None else decorate(request)
         except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
             raise SourceError(f"{self.path}: input became unreadable while reading ({exc})") from None
 
 
-def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None,
+def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None, provider_n=never_n,
                 decorate: Callable[[Request], Request] | None = None) -> RequestSource:
-    return RequestSource(spec, model, limit=limit, decorate=decorate)
+    return RequestSource(spec, model, limit=limit, provider_n=provider_n, decorate=decorate)
 
 
 def check_not_empty(spec: InputSpec, model: ModelSpec, *, fail: bool) -> str | None:
@@ -399,6 +408,9 @@ def build_request(values: Any, *, row_id: int, where: str, spec: InputSpec, mode
         if row_params not in (None, ""):
             if not isinstance(row_params, dict):
                 return bad(f"column {spec.params_column!r}: expected a JSON object, got {_what(row_params)}", kept)
+            if "n" in row_params:  # n - 1 paid answers would be dropped: samples are the job's to ask for
+                return bad(f"column {spec.params_column!r}: n is not passed through (only the first answer would be "
+                           "kept); set [model] samples = N for N answers per row", kept)
             params.update(row_params)
 
     if spec.prompt_column:

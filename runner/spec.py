@@ -41,6 +41,29 @@ MAX_CONCURRENCY = 10_000
 # Far above any account's limits, low enough that rate arithmetic (tokens x seconds) stays finite.
 MAX_RPM = 1e8
 MAX_TPM = 1e11
+# Fan-out ([model] names, [[input.variants]], [model] samples): each input row becomes up to
+# MAX_MODELS x MAX_VARIANTS x MAX_SAMPLES output rows. Far past an eval's or a dataset's needs; the
+# bounds keep a typo (samples = 1000000) from turning one row into a million paid requests.
+MAX_MODELS = 100
+MAX_VARIANTS = 100
+MAX_SAMPLES = 100
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One [[input.variants]] table: a named way to prompt, sent for every input row.
+
+    `system_prompt` and `template` replace [input]'s own for this variant; `messages` is a prefix put
+    before the row's messages (after the system prompt), e.g. few-shot examples."""
+
+    name: str
+    system_prompt: str | None = None
+    template: str | None = None
+    messages: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def template_columns(self) -> tuple[str, ...]:
+        return template_fields(self.template) if self.template is not None else ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,7 @@ class InputSpec:
     model_column: str | None = None
     params_column: str | None = None
     fail_on_empty: bool = False  # an input with no rows is an error (exit 2), not a warning
+    variants: tuple[VariantSpec, ...] = ()  # [[input.variants]]: every row is sent once per variant
 
     @property
     def template_columns(self) -> tuple[str, ...]:
@@ -63,6 +87,7 @@ class InputSpec:
     def needed_columns(self) -> tuple[str, ...]:
         """Input columns the job reads, in a stable order without repeats."""
         names = [self.id_column, self.prompt_column, self.messages_column, *self.template_columns,
+                 *(c for v in self.variants for c in v.template_columns),
                  *self.keep_columns, self.model_column, self.params_column]
         return tuple(dict.fromkeys(n for n in names if n))
 
@@ -93,6 +118,21 @@ class ModelSpec:
     stream: str = "auto"  # "auto", "always" or "never" (the job file says "auto", true or false)
     stream_only_models: tuple[str, ...] = ()
     prices: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # [model] price_* overrides
+    # Fan-out: [model] names (every row sent to each, in this order; `name` is the first), per-model
+    # parameters merged over `params` ([model.params."qwen-max"]), and [model] samples per row.
+    names: tuple[str, ...] = ()
+    model_params: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+    samples: int = 1
+
+    @property
+    def all_names(self) -> tuple[str, ...]:
+        """The models every row is sent to, in the order listed ([model] names, else just `name`)."""
+        return self.names or (self.name,)
+
+    def params_for(self, model: str) -> dict[str, Any]:
+        """The job's parameters for one model: [model] keys and [model.extra], then [model.params."<model>"]."""
+        own = self.model_params.get(model)
+        return {**self.params, **own} if own else dict(self.params)
 
 
 @dataclass(frozen=True)
@@ -162,7 +202,8 @@ class JobSpec:
                 continue
             if name == "model":
                 _check_override(name, value)
-                spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=value))
+                # --model runs one model: it replaces [model] names too.
+                spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=value, names=()))
             elif name == "output":
                 spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=_parquet_path(Path(value))))
             elif name in sections:
@@ -236,12 +277,14 @@ PRICE_KEYS = ("price_input", "price_output", "price_cached_input", "price_thinki
 _SECTIONS: dict[str, dict[str, str]] = {
     "input": {"path": _STR, "id_column": _STR, "prompt_column": _STR, "messages_column": _STR,
               "template": _STR, "system_prompt": _STR, "keep_columns": "a list of strings",
-              "model_column": _STR, "params_column": _STR, "fail_on_empty": _BOOL},
+              "model_column": _STR, "params_column": _STR, "fail_on_empty": _BOOL,
+              "variants": "a list of tables"},
     "endpoint": {"dialect": _STR, "region": _STR, "base_url": _STR, "workspace": _STR,
                  "api_key_env": _STR, "api_key_file": _STR, "timeout": _NUM,
                  "connect_timeout": _NUM, "stream_idle_timeout": _NUM, "read_timeout": _NUM, "transport": _STR,
                  "api_key": "never set here"},
-    "model": {"name": _STR, **MODEL_PARAMS, "extra": "a table", "stream": _STREAM,
+    "model": {"name": _STR, "names": "a list of strings", "samples": _INT, "params": "a table",
+              **MODEL_PARAMS, "extra": "a table", "stream": _STREAM,
               "stream_only_models": "a list of strings", **{k: _NUM for k in PRICE_KEYS}},
     "run": {"concurrency": _INT, "max_attempts": _INT, "backoff_initial": _NUM, "backoff_max": _NUM,
             "retry_after_max": _NUM, "max_error_rate": _NUM, "limit": _INT, "part_rows": _INT,
@@ -293,6 +336,7 @@ BOUNDS: dict[tuple[str, str], Bound] = {
     ("endpoint", "stream_idle_timeout"): _POSITIVE_SECONDS,
     ("endpoint", "read_timeout"): _POSITIVE_SECONDS,
     **{("model", key): _PRICE for key in PRICE_KEYS},
+    ("model", "samples"): Bound(1, MAX_SAMPLES, why="each sample is a paid answer"),
     ("run", "concurrency"): Bound(1, MAX_CONCURRENCY, why="each request in flight holds a connection and memory"),
     ("run", "max_attempts"): Bound(1, 100),
     ("run", "backoff_initial"): Bound(0, HOUR),
@@ -335,6 +379,8 @@ def _type_ok(expected: str, value: Any) -> bool:
         return isinstance(value, dict)
     if expected == _PATH_OR_TABLE:
         return isinstance(value, (str, dict))
+    if expected == "a list of tables":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     if expected == "a list of strings":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if expected.startswith("a string or a list"):
@@ -463,6 +509,8 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         system_prompt=get("input", "system_prompt"), keep_columns=keep,
         model_column=get("input", "model_column"), params_column=get("input", "params_column"),
         fail_on_empty=get("input", "fail_on_empty", False),
+        variants=_variants(get("input", "variants", []), inp_uses_messages=get("input", "messages_column") is not None,
+                           fail=fail),
     )
 
     # [endpoint]
@@ -502,16 +550,19 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
 
     # [model]
     model_raw = raw.get("model", {})
-    name = require("model", "name")
-    if not name.strip():
-        _raise(fail("model", "name", "expected a model name, got an empty string"))
+    names = _model_names(model_raw, fail)
+    name = names[0]
     params = {k: v for k, v in model_raw.items() if k in MODEL_PARAMS}
     params.update(model_raw.get("extra", {}))
+    _refuse_n(params, "extra.n" if "n" in model_raw.get("extra", {}) else "n", fail)
     stream = model_raw.get("stream", "auto")
     model = ModelSpec(name=name, params=MappingProxyType(params),
                       stream=stream if stream == "auto" else ("always" if stream else "never"),
                       stream_only_models=tuple(model_raw.get("stream_only_models", ())),
-                      prices=MappingProxyType({k: float(model_raw[k]) for k in PRICE_KEYS if k in model_raw}))
+                      prices=MappingProxyType({k: float(model_raw[k]) for k in PRICE_KEYS if k in model_raw}),
+                      names=names if "names" in model_raw else (),
+                      model_params=MappingProxyType(_per_model_params(model_raw.get("params", {}), names, fail)),
+                      samples=model_raw.get("samples", 1))
 
     # [run]
     run = RunSpec(
@@ -568,6 +619,106 @@ def _structured_output(output: OutputSpec, get, fail, *, base: Path, model: Mode
         _raise(fail("model", "response_format", "with [output] json_schema it must be of type json_object or "
                     "json_schema (or left out: the runner picks one per model)"))
     return dataclasses.replace(output, json_schema=text, json_schema_name=name, parsed_columns=parsed_columns)
+
+
+def _model_names(model_raw: Mapping[str, Any], fail) -> tuple[str, ...]:
+    """[model] name, or [model] names (the models every row is sent to, in order): exactly one of them."""
+    if "name" in model_raw and "names" in model_raw:
+        _raise(fail("model", None, "set name or names, not both (names = [...] sends every row to each model)"))
+    if "names" not in model_raw:
+        if "name" not in model_raw:
+            _raise(fail("model", "name", "missing; this key is required (or names = [...] for several models)"))
+        names = [model_raw["name"]]
+    else:
+        names = model_raw["names"]
+        if not names:
+            _raise(fail("model", "names", "expected at least one model name, got an empty list"))
+        if len(names) > MAX_MODELS:
+            _raise(fail("model", "names", f"expected at most {MAX_MODELS} models, got {len(names)}"))
+        if len(set(names)) != len(names):
+            _raise(fail("model", "names", "lists a model twice"))
+    key = "names" if "names" in model_raw else "name"
+    for name in names:
+        if not name.strip():
+            _raise(fail("model", key, "expected a model name, got an empty string"))
+    return tuple(names)
+
+
+def _per_model_params(table: Mapping[str, Any], names: tuple[str, ...], fail) -> dict[str, Mapping[str, Any]]:
+    """[model.params."<model>"]: generation parameters for one model of [model] names, over the job's own."""
+    per_model = {}
+    for model, value in table.items():
+        at = f"params.{_unechoed(model)}"
+        if model not in names:
+            _raise(fail("model", at, f"not one of the job's models ({', '.join(names)}); [model.params] holds one "
+                        'table per model, e.g. [model.params."qwen-max"] temperature = 0'))
+        if not isinstance(value, dict):
+            _raise(fail("model", at, f"expected a table of parameters, got {_describe(value)}"))
+        params = {}
+        for key, item in value.items():
+            expected = "a table" if key == "extra" else MODEL_PARAMS.get(key)
+            if key == "n":
+                _refuse_n(value, f"{at}.n", fail)
+            if expected is None:
+                _raise(fail("model", f"{at}.{_unechoed(key)}",
+                            f"unknown parameter; expected one of {', '.join(MODEL_PARAMS)} or extra"))
+            if not _type_ok(expected, item):
+                _raise(fail("model", f"{at}.{key}", f"expected {expected}, got {_describe(item)}"))
+            if key == "extra":
+                params.update(item)
+            else:
+                params[key] = item
+        _refuse_n(params, f"{at}.n", fail)
+        per_model[model] = MappingProxyType(params)
+    return per_model
+
+
+def _refuse_n(params: Mapping[str, Any], at: str, fail) -> None:
+    """`n` (several answers to one request) is the runner's to set: each answer is its own output row, so a
+    job asks for them with [model] samples. Sent as a plain parameter, n - 1 paid answers would be dropped."""
+    if "n" in params:
+        _raise(fail("model", at, "n is not passed through (only the first answer would be kept); "
+                    "set [model] samples = N for N answers per row, each its own output row"))
+
+
+def _variants(items: list, *, inp_uses_messages: bool, fail) -> tuple[VariantSpec, ...]:
+    """[[input.variants]]: each a `name` (unique) and its own system_prompt, template and/or messages prefix."""
+    allowed = {"name": _STR, "system_prompt": _STR, "template": _STR, "messages": "a list of tables"}
+    variants: list[VariantSpec] = []
+    if len(items) > MAX_VARIANTS:
+        _raise(fail("input", "variants", f"expected at most {MAX_VARIANTS} variants, got {len(items)}"))
+    for index, item in enumerate(items):
+        at = f"variants[{index}]"
+        for key, value in item.items():
+            if key not in allowed:
+                _raise(fail("input", f"{at}.{_unechoed(key)}", f"unknown key; expected one of {', '.join(allowed)}"))
+            if not _type_ok(allowed[key], value):
+                _raise(fail("input", f"{at}.{key}", f"expected {allowed[key]}, got {_describe(value)}"))
+        name = item.get("name")
+        if name is None or not name.strip():
+            _raise(fail("input", f"{at}.name", "missing; every variant needs a name (it is the output's variant)"))
+        if any(v.name == name for v in variants):
+            _raise(fail("input", f"{at}.name", f"{name!r} is the name of an earlier variant; names must be unique"))
+        template = item.get("template")
+        if template is not None:
+            if inp_uses_messages:
+                _raise(fail("input", f"{at}.template", "a template cannot replace a messages_column's messages; "
+                            "give this variant a system_prompt or a messages prefix instead"))
+            try:
+                template_fields(template)
+            except ValueError as exc:
+                _raise(fail("input", f"{at}.template", str(exc)))
+        prefix = []
+        for number, message in enumerate(item.get("messages", [])):
+            role, content = message.get("role"), message.get("content")
+            if role not in ("system", "user", "assistant") or not isinstance(content, str) or not content.strip() \
+                    or set(message) - {"role", "content"}:
+                _raise(fail("input", f"{at}.messages[{number}]", "expected { role = \"user\" (or system, assistant), "
+                            "content = \"...\" }"))
+            prefix.append(MappingProxyType(dict(message)))
+        variants.append(VariantSpec(name=name, system_prompt=item.get("system_prompt"), template=template,
+                                    messages=tuple(prefix)))
+    return tuple(variants)
 
 
 def _batch_settings(run: RunSpec, get, fail) -> RunSpec:

@@ -18,6 +18,7 @@ from .tokens import estimate_prompt_tokens, output_reserve
 from .endpoints import chat_url
 from .batch.render import MAX_LINE_BYTES, batch_group, encode_line, fits_in_file
 from .files import os_errors
+from .fanout import fans_out, provider_n_rule
 from .sources import open_source
 from . import structured
 from .spec import JobSpec
@@ -27,7 +28,9 @@ from .spec import JobSpec
 class ValidationReport:
     spec: JobSpec
     format: str = ""
-    rows: int = 0
+    rows: int = 0                   # output rows: with fan-out, several per input row
+    input_rows: int = 0
+    requests: int = 0               # requests that would be sent (samples sharing one with `n` count once)
     invalid: int = 0
     problems: list[str] = field(default_factory=list)
     duplicate_keys: int = 0
@@ -56,8 +59,9 @@ class ValidationReport:
         spec = self.spec
         lines = [
             f"job        {spec.source}",
-            f"input      {spec.input.path} ({self.format}, {self.rows:,} rows"
+            f"input      {spec.input.path} ({self.format}, {self.input_rows:,} rows"
             + (f", --limit {spec.run.limit}" if spec.run.limit is not None else "") + ")",
+            *self._fanout_lines(),
             f"endpoint   {spec.endpoint.dialect}  {chat_url(spec.endpoint)}"
             + (f"  workspace {spec.endpoint.workspace}" if spec.endpoint.workspace else ""),
             *self._base_url_warning(),
@@ -111,6 +115,17 @@ class ValidationReport:
             lines.extend(f"  {p}" for p in self.problems)
         return "\n".join(lines)
 
+    def _fanout_lines(self) -> list[str]:
+        """With fan-out: how the input rows expand (models x variants x samples) and the requests they take."""
+        spec = self.spec
+        if not fans_out(spec.input, spec.model):
+            return []
+        factors = [f"{len(spec.model.all_names)} model(s)", f"{max(1, len(spec.input.variants))} variant(s)",
+                   f"{spec.model.samples} sample(s)"]
+        return [f"fan-out    {self.input_rows:,} input rows x " + " x ".join(factors)
+                + f" = {self.rows:,} output rows in {self.requests:,} requests"
+                + (" (samples share a request with n)" if self.requests < self.rows - self.invalid else "")]
+
     def _base_url_warning(self) -> list[str]:
         found = self.base_url_problem
         if found is None:
@@ -122,7 +137,8 @@ class ValidationReport:
 
 
 def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
-    source = open_source(spec.input, spec.model, limit=spec.run.limit, decorate=structured.decorator(spec))
+    source = open_source(spec.input, spec.model, limit=spec.run.limit, provider_n=provider_n_rule(spec),
+                         decorate=structured.decorator(spec))
     build_payload = DIALECTS[spec.endpoint.dialect].build_payload
     streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
     batch = spec.run.mode == "batch"
@@ -134,32 +150,35 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
     # Digests, not the keys themselves: 16 bytes a row is fine for a one-off check of a big file.
     seen_keys: set[bytes] = set()
     for request in source:
-        report.rows += 1
-        digest = hashlib.blake2b(request.key.encode(), digest_size=16).digest()
-        if digest in seen_keys:
-            report.duplicate_keys += 1
-            report.first_duplicate = report.first_duplicate or request.key
-        seen_keys.add(digest)
+        answers = len(request.rows)  # a request with `n` answers several output rows
+        report.rows += answers
+        for row in request.rows:  # by row key: a fanned-out row's key repeats once per model, variant, sample
+            digest = hashlib.blake2b(row.row_key.encode(), digest_size=16).digest()
+            if digest in seen_keys:
+                report.duplicate_keys += 1
+                report.first_duplicate = report.first_duplicate or row.key
+            seen_keys.add(digest)
         if request.problem is not None:
             report.invalid += 1
             if len(report.problems) < show:
                 report.problems.append(request.problem)
             continue
-        report.models[request.model] += 1
+        report.requests += 1
+        report.models[request.model] += answers
         price = prices.price(request.model)
         input_tokens = estimate_prompt_tokens(request.messages)
         cap = request.params.get("max_completion_tokens") or request.params.get("max_tokens") or \
             (price.max_output if price else None) or output_reserve({}, None)
-        expected = spec.run.expected_output_tokens or max(1, int(cap) // 4)
+        expected = (spec.run.expected_output_tokens or max(1, int(cap) // 4)) * answers
         report.input_tokens += input_tokens
-        report.output_tokens_max += int(cap)
+        report.output_tokens_max += int(cap) * answers
         report.output_tokens_expected += expected
         if price is None:
             report.unpriced_models.add(request.model)
         else:
             # The estimate errs by up to ~25% either way on input; output between expected and the cap.
             low += (input_tokens * 0.8 * price.input + expected * price.output) / PER_TOKENS
-            high += (input_tokens * 1.25 * price.input + int(cap) * price.output) / PER_TOKENS
+            high += (input_tokens * 1.25 * price.input + int(cap) * answers * price.output) / PER_TOKENS
         try:
             if files is not None:
                 size = len(encode_line(request))
@@ -182,6 +201,7 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
         if files is not None:
             files.add(request, size)
         report.largest_body_bytes = max(report.largest_body_bytes, size)
+    report.input_rows = source.input_rows_read
     if report.rows > report.invalid and len(report.unpriced_models) < len(report.models):
         report.cost_low, report.cost_high = low, high
     if files is not None:
@@ -252,7 +272,8 @@ def write_dry_run(spec: JobSpec) -> tuple[Path, int]:
     Nothing is sent and no key is needed. Returns the file and the number of requests in it."""
     from .endpoints import ApiKey
 
-    source = open_source(spec.input, spec.model, limit=spec.run.limit, decorate=structured.decorator(spec))
+    source = open_source(spec.input, spec.model, limit=spec.run.limit, provider_n=provider_n_rule(spec),
+                         decorate=structured.decorator(spec))
     dialect = DIALECTS[spec.endpoint.dialect]
     streaming = StreamPolicy(spec.model.stream, spec.model.stream_only_models)
     headers = {k: v for k, v in request_headers(spec.endpoint, ApiKey("")).items() if k != "Authorization"}

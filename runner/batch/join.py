@@ -21,7 +21,7 @@ from ..clients import classify_answer, openai_compat
 from ..cost import PriceBook
 from ..errors import CallError, PermanentCallError, RunnerError, TransientCallError
 from ..records import STATUS_ERROR, STATUS_OK, Completion, Request, Result
-from .render import custom_id
+from .render import SIDECAR_COLUMNS, custom_id
 from .state import BatchRecord
 
 NOT_RUN_MESSAGES = {
@@ -96,9 +96,10 @@ def join_batch(record: BatchRecord, folder: Path, prices: PriceBook) -> list[Res
     stub_params = {"enable_thinking": True} if record.thinking else {}
     results = []
     for line_number, (cid, row) in enumerate(by_id.items(), start=1):
-        kept = {k: v for k, v in row.items() if k not in ("row_id", "key", "request_hash")}
+        kept = {k: v for k, v in row.items() if k not in SIDECAR_COLUMNS}
         base = dict(row_id=row["row_id"], key=row["key"], model=record.model, mode="batch", kept=kept,
                     request_hash=row["request_hash"], started_at=started, finished_at=ended,
+                    variant=row.get("variant"), sample_index=row.get("sample_index"),
                     # No per-row time: the batch ran its rows in an order and at times it does not report.
                     # started_at..finished_at is the batch's own span; a per-row copy of it would only
                     # pollute the duration percentiles of a mixed run.

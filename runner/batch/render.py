@@ -55,7 +55,12 @@ def fits_in_file(lines: int, size: int, line_size: int, run: RunSpec) -> bool:
 def sidecar_schema(kept_fields: tuple[pa.Field, ...]) -> pa.Schema:
     """What batch-NNNN.rows.parquet keeps of each line to build its output row."""
     return pa.schema([pa.field("row_id", pa.int64()), pa.field("key", pa.string()),
-                      pa.field("request_hash", pa.int64()), *kept_fields])
+                      pa.field("request_hash", pa.int64()), *SIDECAR_FANOUT, *kept_fields])
+
+
+# A fanned-out row's variant and sample (runner/fanout.py); a sidecar written before fan-out has neither.
+SIDECAR_FANOUT = (pa.field("variant", pa.string()), pa.field("sample_index", pa.int32()))
+SIDECAR_COLUMNS = frozenset({"row_id", "key", "request_hash", *(f.name for f in SIDECAR_FANOUT)})
 
 
 class _OpenFile:
@@ -69,7 +74,7 @@ class _OpenFile:
         self.tmp = self.path.with_name("." + self.path.name + ".tmp")
         self.fh = open(self.tmp, "wb")
         self.columns: dict[str, list] = {name: [] for name in schema.names}
-        self.kept_names = schema.names[3:]
+        self.kept_names = [name for name in schema.names if name not in SIDECAR_COLUMNS]
 
     def add(self, line: bytes, request: Request, worst_cost: float) -> None:
         self.fh.write(line)
@@ -79,6 +84,8 @@ class _OpenFile:
         self.columns["row_id"].append(request.row_id)
         self.columns["key"].append(request.key)
         self.columns["request_hash"].append(request.digest())
+        self.columns["variant"].append(request.variant)
+        self.columns["sample_index"].append(request.sample_index)
         for name in self.kept_names:
             self.columns[name].append(request.kept.get(name))
 
@@ -138,7 +145,7 @@ def plan_batches(requests: Iterable[Request], *, done: DoneRows, covered: RowSet
     next_seq = state.next_seq()
     reserved = 0.0
     try:
-        for request in requests:
+        for request in _one_per_row(requests):
             plan.rows_seen += 1
             row_id = request.row_id
             if row_id in covered:
@@ -187,6 +194,13 @@ def plan_batches(requests: Iterable[Request], *, done: DoneRows, covered: RowSet
         for current in open_files.values():  # stopped part way: unrecorded files are written again next run
             current.discard()
     return plan
+
+
+def _one_per_row(requests: Iterable[Request]) -> Iterable[Request]:
+    """Each output row's own request: a batch line is one answer, so samples that share a request online (`n`)
+    are a line each here, each with its own seed (the source only groups them online; this keeps it so)."""
+    for request in requests:
+        yield from request.rows
 
 
 def covered_rows(state: BatchState) -> RowSet:

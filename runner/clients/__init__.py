@@ -134,7 +134,7 @@ class ChatClient:
                                  allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise PermanentCallError(f"the request cannot be encoded as JSON ({exc})", code="unencodable_request") from None
-        key = request.key
+        key = request.row_key  # the key, and a fanned-out row's model, variant and sample
         if not (key.isascii() and key.isprintable()):  # a header carries printable ASCII only
             key = quote(key, safe="")
         http_request = self._request(payload, key, stream=stream)

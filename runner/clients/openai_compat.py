@@ -6,7 +6,7 @@ import json
 from typing import Any, Mapping
 
 from ..errors import BadResponse
-from ..records import Completion, Request
+from ..records import Choice, Completion, Request
 from .bodies import StreamText, has_answer, load_success_json, text_of, usage_from
 from .classify import AUTH, MODEL_NOT_FOUND, PERMANENT, QUOTA, THROTTLED, TRANSIENT, error_from
 from .sse import Event
@@ -65,7 +65,26 @@ def parse_success(body: bytes, headers: Mapping[str, str]) -> Completion:
         usage=usage_from(data.get("usage"), input_name="prompt_tokens", output_name="completion_tokens",
                          output_details="completion_tokens_details"),
         request_id=request_id,
+        choices=_every_choice(data["choices"], request_id),
     )
+
+
+def _every_choice(choices: Any, request_id: str | None) -> tuple[Choice, ...]:
+    """Every choice of an answer to a request with `n`, in `index` order; () for the usual single choice.
+    A choice without an answer is a damaged answer (its sample would be lost), not one to skip."""
+    if not isinstance(choices, list) or len(choices) < 2:
+        return ()
+    found = []
+    for position, choice in enumerate(choices):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not has_answer(message):
+            raise BadResponse(f"a 200 answer whose choice {position} has no message", code="bad_response",
+                              http_status=200, request_id=request_id)
+        index = choice.get("index")
+        found.append((index if isinstance(index, int) else position, position,
+                      Choice(text_of(message.get("content")), message.get("reasoning_content") or None,
+                             choice.get("finish_reason"))))
+    return tuple(item[2] for item in sorted(found, key=lambda item: item[:2]))
 
 
 # A delta carries at least one of these (the first one the role, the last one at least its finish_reason).

@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import EmulatorConfig
 from .faults import draw
-from .generate import ApiError, complete
+from .generate import ApiError, complete, with_choices
 from .responses import OPENAI, dump, new_request_id
 
 CHAT_URL = "/v1/chat/completions"
@@ -175,7 +175,7 @@ def answer_line(
         call = OPENAI.parse(dump(body), {})
         if call.model not in config.models:
             raise ApiError("model_not_found", call.model)
-        done = complete(call)
+        done = with_choices(call, complete(call))
     except ApiError as err:
         return _error_line(line.custom_id, rid, err)
     answer = OPENAI.success(call, done, rid)

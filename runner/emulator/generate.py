@@ -89,6 +89,7 @@ class ChatCall:
     include_usage: bool = False  # compat stream_options.include_usage
     # Frames carry only the new piece: native parameters.incremental_output; always in compat.
     incremental_output: bool = False
+    n: int = 1  # compat `n`: answers wanted (1..4, facts 2.1)
 
 
 @dataclass(slots=True)
@@ -212,6 +213,36 @@ def complete(call: ChatCall) -> Completion:
         reasoning_tokens=reasoning_tokens,
         finish_reason=finish_reason,
     )
+
+
+MSG_N_RANGE = ALGO_PREFIX + "Range of n should be [1, 4]"
+MSG_N_THINKING = ALGO_PREFIX + "n must be 1 when enable_thinking is true"
+MSG_N_STREAM = "n > 1 is not supported for streamed calls by this emulator"
+
+
+def with_choices(call: ChatCall, done: Completion) -> Completion:
+    """The completion of a call asking for `n` answers: every choice is the same deterministic answer, and the
+    usage counts the prompt once and every choice's output (as the real API bills it)."""
+    if call.n == 1:
+        return done
+    if done.reasoning is not None:
+        raise invalid(MSG_N_THINKING)
+    if call.stream:
+        raise invalid(MSG_N_STREAM)
+    return Completion(content=done.content, reasoning=None, prompt_tokens=done.prompt_tokens,
+                      completion_tokens=done.completion_tokens * call.n, reasoning_tokens=0,
+                      finish_reason=done.finish_reason)
+
+
+def check_n(value: Any, tools: Any) -> int:
+    """The compat `n`: an integer 1..4, and 1 when tools are given."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4:
+        raise invalid(MSG_N_RANGE)
+    if value > 1 and tools:
+        raise invalid(ALGO_PREFIX + "n must be 1 when tools are given")
+    return value
 
 
 def _tokens(chars: int) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from .faults import STREAM_FAULTS, draw, row_key
-from .generate import ApiError, ChatCall, Completion, complete, message_text
+from .generate import ApiError, ChatCall, Completion, complete, message_text, with_choices
 from .instance import bad_answer, quoted_schema
 from .responses import (
     DASHSCOPE,
@@ -132,7 +132,7 @@ async def answer(
             ex.entry[3:6] = label, key, attempt
         if call.model not in config.models:
             raise ApiError("model_not_found", call.model)
-        done = complete(call)
+        done = with_choices(call, complete(call))
         tokens = done.prompt_tokens + done.completion_tokens
         verdict = state.limits.check(call.model, tokens)
         if verdict is not None:

@@ -19,6 +19,7 @@ from .generate import (
     Completion,
     check_max_tokens,
     check_messages,
+    check_n,
     invalid,
 )
 
@@ -240,6 +241,7 @@ class OpenAIDialect:
             stream=stream,
             include_usage=stream and include_usage,
             incremental_output=stream,
+            n=check_n(data.get("n"), data.get("tools")),
         )
 
     def sse_requested(self, headers: Mapping[str, str]) -> bool:
@@ -256,9 +258,10 @@ class OpenAIDialect:
                 {
                     "message": message,
                     "finish_reason": done.finish_reason,
-                    "index": 0,
+                    "index": index,
                     "logprobs": None,
                 }
+                for index in range(call.n)  # `n` answers, each the same deterministic text
             ],
             "object": "chat.completion",
             "usage": usage,

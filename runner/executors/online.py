@@ -20,6 +20,7 @@ from ..clients import ChatClient
 from ..clients.stream_rules import StreamPolicy
 from ..cost import CostBudget, NoPrice
 from ..endpoint_check import EndpointGuard
+from ..fanout import pending
 from ..errors import Interrupted, RunnerError
 from ..limits import RetryPolicy
 from ..ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
@@ -48,9 +49,10 @@ class OnlineExecutor:
         spec, sink, summary, prices = job.spec, job.sink, job.summary, job.prices
         spend = None
         if spec.run.max_cost is not None:
-            if prices.price(spec.model.name) is None:
-                raise NoPrice(f"no price for model {spec.model.name!r} in {prices.region}, so [run] max_cost cannot "
-                              "be guaranteed", hint="set [model] price_input and price_output (per 1M tokens)")
+            for model in spec.model.all_names:
+                if prices.price(model) is None:
+                    raise NoPrice(f"no price for model {model!r} in {prices.region}, so [run] max_cost cannot "
+                                  "be guaranteed", hint="set [model] price_input and price_output (per 1M tokens)")
             spend = CostBudget(spec.run.max_cost, prices.currency)
             spend.spent = sink.done_cost
         job.announce_resume()
@@ -101,6 +103,15 @@ async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop:
     async with requests, results:
         with stop.produce_scope:
             for request in source:
+                if request.members:  # one request for several sample rows (fan-out with `n`): send the missing
+                    counts.rows_seen += len(request.members)
+                    request, changed = pending(request, done)
+                    counts.changed += changed
+                    if request is None:
+                        await anyio.lowlevel.checkpoint()
+                        continue
+                    await requests.send(request)
+                    continue
                 counts.rows_seen += 1
                 if request.row_id in done:
                     if done.matches(request.row_id, request.digest()):
