@@ -39,8 +39,9 @@ from .records import REQUEST_HASH_FIELD, Result, results_to_table
 MANIFEST = "manifest.json"
 LOCK = "lock"
 # Rows merged (and written as one row group) at a time. The merge's memory grows with it, about
-# 3 MB per 1,000 rows of peak RSS (16,384: +47 MB; 65,536 used to cost +100 MB).
-MERGE_WINDOW_ROWS = 16_384
+# 3 MB per 1,000 rows of peak RSS (16,384: +47 MB; 65,536 used to cost +100 MB). 4,096: 300,000 rows of
+# 400-character answers merge in 1.24 s instead of 1.08 s, at a peak RSS of 153 MB instead of 190 MB.
+MERGE_WINDOW_ROWS = 4_096
 RETRY_FAILED = ("transient", "all", "none")
 # Error classes that `retry_failed = "transient"` (the default) sends again on a rerun.
 # Failures a rerun sends again by default: a damaged answer (BadResponse) is retried like a reset.
