@@ -204,8 +204,9 @@ def validate(job: str, show: int, fail_on_empty: bool, **overrides: Any) -> int:
     return EXIT_OK
 
 
-def _batch_api_call(spec, call):
-    """Run `call(api)` against the job's Batch API; the key as `runner run` finds it."""
+def _batch_api_call(spec, call, *, attempts: int | None = None):
+    """Run `call(api)` against the job's Batch API; the key as `runner run` finds it. `attempts`: per call
+    (default: the Batch API's own, five over about 15 s)."""
     import anyio
 
     from .batch.api import BatchApi
@@ -214,7 +215,7 @@ def _batch_api_call(spec, call):
     api_key = resolve_api_key(spec.endpoint)
 
     async def main_():
-        async with BatchApi(spec.endpoint, api_key) as api:
+        async with BatchApi(spec.endpoint, api_key, **({} if attempts is None else {"attempts": attempts})) as api:
             return await call(api)
 
     return anyio.run(main_)
@@ -269,18 +270,28 @@ def status(job: str, output: str | None, base_url: str | None, offline: bool, as
             offline = True
             click.echo(f"{error.message}: showing what the last run recorded", err=True)
     asked = bool(live) and not offline
+    server_error = None
     if asked:
         async def refresh(api):
             for record in live:
                 record.update(await api.retrieve(record.batch_id))
-        _batch_api_call(spec, refresh)  # shown, not saved: the state belongs to the run
+        try:
+            # Shown, not saved: the state belongs to the run. Two attempts: status answers in seconds, never waits.
+            _batch_api_call(spec, refresh, attempts=2)
+        except RunnerError as error:
+            if not as_json:
+                raise
+            # A script reading --json gets JSON even now: what the run recorded, and why the server was not asked.
+            asked, server_error = False, error.message
     finished = spec.output.path.exists()
     if as_json:
-        click.echo(json.dumps({
-            "output": str(spec.output.path), "finished": finished,
-            "endpoint": "emulator" if spec.endpoint.emulator else endpoint_url(spec.endpoint),
-            "from_server": asked, "running": len(state.live), "batches": describe_batches(state)}, indent=2))
-        return EXIT_OK
+        shown = {"output": str(spec.output.path), "finished": finished,
+                 "endpoint": "emulator" if spec.endpoint.emulator else endpoint_url(spec.endpoint),
+                 "from_server": asked, "running": len(state.live), "batches": describe_batches(state)}
+        if server_error is not None:
+            shown["server_error"] = server_error
+        click.echo(json.dumps(shown, indent=2))
+        return EXIT_OK if server_error is None else EXIT_FATAL
     if not state.records:
         where = "finished: " if finished else "no batches recorded for "
         click.echo(f"{where}{spec.output.path}")

@@ -115,6 +115,26 @@ def test_status_json_is_json_in_every_state(tmp_path):
         assert run_cli(*base[:-1]).stdout.startswith("finished: ")
 
 
+
+def test_status_json_is_json_when_the_server_cannot_be_asked(tmp_path):
+    """`status --json` with the batch server gone prints JSON all the same (what the run recorded, and why the
+    server was not asked) and exits 1; without --json it is the usual one-line error."""
+    out = tmp_path / "out" / "result.parquet"
+    emu = Emulator(STILL, clock=ManualClock()).start()
+    try:
+        job, proc = _start_batches(tmp_path, emu, out)
+        proc.kill()
+        proc.wait(10)
+    finally:
+        emu.stop()
+    result = run_cli("status", str(job), "--output", str(out), "--json")
+    assert result.code == 1, result.stderr
+    listed = json.loads(result.stdout)
+    assert listed["from_server"] is False and listed["running"] == 2 and listed["server_error"]
+    assert [b["rows"] for b in listed["batches"]] == [250, 150]
+    text = run_cli("status", str(job), "--output", str(out))
+    assert text.code == 1 and text.stderr.startswith("error: ") and "Traceback" not in text.stderr
+
 def _kill_and_lose_the_second_batch(tmp_path, emu, out):
     """Start the batches, kill the run, and make the state name a second batch the server never had;
     returns the job and the first batch's id."""

@@ -38,8 +38,9 @@ class BatchApi:
 
     def __init__(self, endpoint: EndpointSpec, api_key: ApiKey, *,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = anyio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = anyio.sleep, attempts: int = ATTEMPTS) -> None:
         self.base_url = batch_base_url(endpoint)
+        self._attempts = attempts  # per call, for the calls that may be retried
         self._endpoint = endpoint
         self._api_key = api_key
         self._transport = transport
@@ -125,7 +126,8 @@ class BatchApi:
         return self._http
 
     async def _call(self, what: str, send: Callable[[], Awaitable[httpx.Response]], *,
-                    attempts: int = ATTEMPTS) -> httpx.Response:
+                    attempts: int | None = None) -> httpx.Response:
+        attempts = self._attempts if attempts is None else attempts
         for attempt in range(1, attempts + 1):
             try:
                 response = await send()
