@@ -152,8 +152,11 @@ def run(job: str, overwrite: bool, restart: bool, retry_failed: str | None, use_
         api_key = ApiKey(EMULATOR_KEY)
         if not quiet:
             click.echo(f"rehearsing against the built-in emulator at {base}", err=True)
+    from .cost import PriceBook
+
+    currency = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices).currency
     progress = Progress(resolve_mode(progress_mode, quiet=quiet, stream=sys.stderr), log_every=log_every,
-                        log_format=log_format)
+                        log_format=log_format, currency=currency)
     # The requests in flight hold a few hundred objects each, and a run leaves almost no cyclic garbage
     # (about one object a row), so the default threshold (700 new objects) only had the GC walk the same
     # live objects over and over: 2,400 collections and a third of the CPU for 20,000 rows at 1,024 in flight.

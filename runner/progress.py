@@ -67,6 +67,7 @@ class Snapshot:
     eta_seconds: float | None
     limit: str | None
     paused_seconds: float | None
+    currency: str | None = None  # of cost and projected_cost (the region's price table, or the job's prices)
 
     def to_json(self, now: datetime) -> str:
         data: dict[str, Any] = {"ts": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -93,8 +94,9 @@ class Snapshot:
                       if self.oldest_in_flight_seconds is not None else "")
             parts.append(f"in flight {self.in_flight:,}{oldest}")
         if self.cost is not None:
-            parts.append(f"cost {self.cost:,.4f}" + (f" (job ~{self.projected_cost:,.4f})"
-                                                     if self.projected_cost is not None else ""))
+            unit = f" {self.currency}" if self.currency else ""
+            parts.append(f"cost {self.cost:,.4f}{unit}" + (f" (job ~{self.projected_cost:,.4f}{unit})"
+                                                           if self.projected_cost is not None else ""))
         parts.append(f"elapsed {_duration(self.elapsed_seconds)}")
         parts.append(f"eta {_duration(self.eta_seconds) if self.eta_seconds is not None else '?'}")
         return " | ".join(parts)
@@ -127,8 +129,10 @@ class Progress:
     """Fed by run_job's callbacks and ticked by `heartbeat`; shows a bar, writes log lines, or nothing."""
 
     def __init__(self, mode: str, *, log_every: float = 30.0, log_format: str = "text",
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
+                 currency: str | None = None) -> None:
         self.mode = mode
+        self.currency = currency
         self.log_every = max(log_every, 0.1)
         self.log_format = log_format
         self.stream = stream or sys.stderr
@@ -244,7 +248,7 @@ class Progress:
                         requests_per_second=self.requests / elapsed, tokens_per_second=self.tokens / elapsed,
                         throttled=throttled, in_flight=in_flight, oldest_in_flight_seconds=oldest, cost=cost,
                         projected_cost=projected, elapsed_seconds=elapsed, eta_seconds=eta, limit=limit,
-                        paused_seconds=paused)
+                        paused_seconds=paused, currency=self.currency if self.priced else None)
 
     def _log(self, event: str) -> None:
         self._last_log = self._clock()

@@ -18,7 +18,7 @@ from .helpers import ROOT, _cli_env, make_job, read_pty, write_prompts
 
 JSON_KEYS = {"ts", "event", "rows_done", "rows_total", "rows_this_run", "ok_this_run", "failed_this_run",
              "rows_per_second", "requests_per_second", "tokens_per_second", "throttled", "in_flight",
-             "oldest_in_flight_seconds", "cost", "projected_cost", "elapsed_seconds", "eta_seconds", "limit"}
+             "oldest_in_flight_seconds", "cost", "projected_cost", "currency", "elapsed_seconds", "eta_seconds", "limit"}
 
 
 def _run_to_file(tmp_path, *args: str) -> tuple[int, str]:
@@ -49,6 +49,7 @@ def test_log_lines_when_stderr_is_a_file(tmp_path, make_emulator):
     assert events.count("end") == 1
     end = lines[-1]
     assert "rows 80/80" in end and "ok 80, failed 0" in end and "cost " in end and "(job ~" in end
+    assert " USD (job ~" in end  # the cost names its currency
     assert "eta 0s" in end and "in flight 0" in end
     assert "\r" not in err  # no bar redraws in a log
 
@@ -66,7 +67,7 @@ def test_json_log_lines_parse_with_the_documented_keys(tmp_path, make_emulator):
     end = objects[-1]
     assert end["rows_done"] == end["rows_total"] == end["rows_this_run"] == end["ok_this_run"] == 80
     assert end["in_flight"] == 0 and end["eta_seconds"] == 0
-    assert end["cost"] > 0 and end["projected_cost"] == end["cost"]
+    assert end["cost"] > 0 and end["projected_cost"] == end["cost"] and end["currency"] == "USD"
     done = [o["rows_done"] for o in objects]
     assert done == sorted(done)
 
