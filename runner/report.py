@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import SourceError
 from .records import Result
@@ -265,18 +265,21 @@ SUMMARY_COLUMNS = ["status", "error_type", "error_code", "finish_reason", "attem
                    "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "started_at", "finished_at"]
 # Not in every output: mode came with batch mode, duration_ms with issue 17 (older outputs read as null).
 OPTIONAL_COLUMNS = ["mode", "model", "http_status", "duration_ms"]
+# Sees each counted row as a dict of the columns above (optional ones only where the file has them).
+RowObserver = Callable[[dict[str, Any]], None]
 
 
-def summarize_file(path: str | Path) -> RunSummary:
+def summarize_file(path: str | Path, *, observe: RowObserver | None = None) -> RunSummary:
     """A summary from an output Parquet file, read batch by batch; for a run that has not finished (no
-    output yet), from the parts it committed, the newest row per row_id winning as in the merge."""
+    output yet), from the parts it committed, the newest row per row_id winning as in the merge.
+    `observe`, if given, sees every row the summary counts (the HTML report's charts read them so)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     parts_dir = path.with_name(path.name + ".parts")
     if not path.exists() and parts_dir.is_dir():
-        return _summarize_parts(path, parts_dir)
+        return _summarize_parts(path, parts_dir, observe)
     try:
         parquet = pq.ParquetFile(path)
     except FileNotFoundError:
@@ -288,7 +291,7 @@ def summarize_file(path: str | Path) -> RunSummary:
         metadata = parquet.schema_arrow.metadata or {}
         if CURRENCY_KEY in metadata:
             summary.currency = metadata[CURRENCY_KEY].decode()
-        _add_rows(summary, parquet, path)
+        _add_rows(summary, parquet, path, observe=observe)
     _read_summary_json(summary, path)
     return summary
 
@@ -301,7 +304,8 @@ def _columns(parquet, path: Path) -> list[str]:
     return SUMMARY_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names]
 
 
-def _add_rows(summary: RunSummary, parquet, path: Path, seen: bytearray | None = None) -> None:
+def _add_rows(summary: RunSummary, parquet, path: Path, seen: bytearray | None = None,
+              observe: RowObserver | None = None) -> None:
     """Add every row of `parquet` to `summary`; with `seen` (a row_id bitmap), only rows not seen yet."""
     columns = _columns(parquet, path) + (["row_id"] if seen is not None else [])
     for batch in parquet.iter_batches(columns=columns, batch_size=65_536):
@@ -314,6 +318,8 @@ def _add_rows(summary: RunSummary, parquet, path: Path, seen: bytearray | None =
                     continue
                 seen[row_id] = 1
             summary.add(_result(row))
+            if observe is not None:
+                observe(row)
 
 
 def _result(row: dict[str, Any]) -> Result:
@@ -329,7 +335,7 @@ def _result(row: dict[str, Any]) -> Result:
         duration_ms=row.get("duration_ms"), started_at=row["started_at"], finished_at=row["finished_at"])
 
 
-def _summarize_parts(path: Path, parts_dir: Path) -> RunSummary:
+def _summarize_parts(path: Path, parts_dir: Path, observe: RowObserver | None = None) -> RunSummary:
     """The rows an unfinished run committed: newest part first, so a row sent again counts once, as its
     latest result (the merge's rule). Rows only in a journal are not committed yet and not counted."""
     import json
@@ -347,7 +353,7 @@ def _summarize_parts(path: Path, parts_dir: Path) -> RunSummary:
     for part in parts:
         try:
             with pq.ParquetFile(part) as parquet:
-                _add_rows(summary, parquet, part, seen)
+                _add_rows(summary, parquet, part, seen, observe)
         except (OSError, pa.ArrowException) as exc:
             raise SourceError(f"{part}: cannot read a committed part ({exc})") from None
     if summary.currency is None:
