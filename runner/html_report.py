@@ -63,9 +63,7 @@ def render_html(data: ReportData) -> str:
         title=html.escape(f"Run report: {Path(summary['output'] or 'output').name}"),
         output=html.escape(summary["output"] or ""),
         generated=generated,
-        unfinished=(f'<p class="warn">Unfinished run: {data.summary.unfinished_parts:,} committed parts read; rows '
-                    f'still in flight or only in a journal are not counted.</p>'
-                    if data.summary.unfinished_parts is not None else ""),
+        unfinished=_unfinished(data.summary.unfinished_parts),
         figures=_figures(summary),
         sections="\n".join(sections),
         models=_models_table(data, summary),
@@ -74,6 +72,13 @@ def render_html(data: ReportData) -> str:
         # Inert data for scripts that read the report; "</" escaped so it cannot close the element.
         summary_json=json.dumps(summary, sort_keys=True).replace("</", "<\\/"),
     )
+
+
+def _unfinished(parts: int | None) -> str:
+    if parts is None:
+        return ""
+    return (f'<p class="warn">Unfinished run: read from {parts:,} committed part{"" if parts == 1 else "s"}; rows '
+            f'still in flight or only in a journal are not counted.</p>')
 
 
 # The run's numbers: (data-key, label, value from the summary dict, format).

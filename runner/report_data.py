@@ -32,7 +32,7 @@ TIMELINE_COLUMNS = ("ok", "failed", "requests", "retries", "throttled")
 class Timeline:
     """Counts by the time rows finished, in buckets of `width` x `resolution` seconds (width 1, 2, 4, ...):
     when more than `max_buckets` hold rows, the width doubles and neighbours merge, so the size stays
-    bounded however long the run (a 2,048-bucket cap: quarter seconds for 8 minutes, a minute for 1.4 days)."""
+    bounded however long the run (2,048 buckets: quarter seconds for 8 minutes, 64 s for 36 hours)."""
 
     resolution: float = 0.25
     max_buckets: int = 2048
@@ -43,8 +43,9 @@ class Timeline:
         tick = math.floor(finished.timestamp() / self.resolution)
         bucket = self.buckets.get(tick // self.width)
         if bucket is None:
-            if len(self.buckets) >= self.max_buckets:
-                self._widen()  # halves the buckets, so one more always fits
+            # Sparse buckets (runs days apart) may need several doublings before neighbours merge.
+            while len(self.buckets) >= self.max_buckets and tick // self.width not in self.buckets:
+                self._widen()
             bucket = self.buckets.setdefault(tick // self.width, [0] * len(TIMELINE_COLUMNS))
         for column, n in enumerate(counts):
             bucket[column] += n
