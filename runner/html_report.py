@@ -12,12 +12,13 @@ import base64
 import html
 import io
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtra
-from .files import write_file_atomic
+from .errors import MissingExtra, SinkError, SpecError
+from .files import os_reason, remove_quietly
 from .report_data import FAILED, OK, REQUESTS, RETRIES, THROTTLED, LogHistogram, ReportData, collect_report
 
 # Every chart the report holds, in page order: id -> title. Each is drawn even when it has nothing to show.
@@ -46,9 +47,29 @@ def require_plotting() -> None:
 def write_html_report(output: str | Path, destination: str | Path) -> ReportData:
     """Read `output` (or an unfinished run's parts) and write the report to `destination`, whole or not at all."""
     require_plotting()
+    destination = Path(destination)
+    _check_destination(destination)  # before the read, which can take a while
     data = collect_report(output)
-    write_file_atomic(Path(destination), render_html(data))
+    page = render_html(data)
+    temporary = destination.with_name("." + destination.name + ".tmp")
+    try:
+        temporary.write_text(page, encoding="utf-8")
+        os.replace(temporary, destination)
+    except OSError as exc:
+        remove_quietly(temporary)
+        raise SinkError(f"{destination}: cannot write the report ({os_reason(exc)})",
+                        hint="free disk space or choose another --html path, then run the same command again") from exc
     return data
+
+
+def _check_destination(destination: Path) -> None:
+    folder = destination.parent
+    if destination.is_dir():
+        raise SpecError(f"--html {destination}: is a folder", hint="give a file name, e.g. --html report.html")
+    if not folder.is_dir():
+        raise SpecError(f"--html {destination}: no folder {folder}", hint="create it, or choose another --html path")
+    if not os.access(folder, os.W_OK):
+        raise SpecError(f"--html {destination}: the folder {folder} is not writable", hint="choose another --html path")
 
 
 def render_html(data: ReportData) -> str:
@@ -115,7 +136,7 @@ def _models_table(data: ReportData, summary: dict[str, Any]) -> str:
 def _errors_table(summary: dict[str, Any]) -> str:
     if not summary["errors"]:
         return "<p>No failed rows.</p>"
-    body = "".join(f"<tr><td>{html.escape(e['error_type'])}</td><td>{html.escape(e['error_code'] or '')}</td>"
+    body = "".join(f"<tr><td>{html.escape(e['error_type'])}</td><td class=\"text\">{html.escape(e['error_code'] or '')}</td>"
                    f"<td>{e['http_status'] or ''}</td><td>{e['rows']:,}</td></tr>" for e in summary["errors"])
     return ('<table class="grid"><tr><th>class</th><th>code</th><th>HTTP status (codeless errors)</th><th>rows</th>'
             f'</tr>{body}</table>')
@@ -292,9 +313,13 @@ def _throttling_note(data: ReportData) -> str:
             + "), for the last run only and not over time." if answers else
             "No 429 answers were recorded in the run's summary JSON." if answers == {} else
             "There is no summary JSON for this output's rows, so the number of 429 answers is unknown.")
-    return _note(f"The table keeps each row's last attempt: {data.throttled_rows:,} rows gave up on a 429, and "
-                 f"{data.retried_rows:,} rows needed more than one attempt, for a 429, a 5xx or a timeout alike "
+    return _note(f"The table keeps each row's last attempt: {_rows(data.throttled_rows)} gave up on a 429, and "
+                 f"{_rows(data.retried_rows)} needed more than one attempt, for a 429, a 5xx or a timeout alike "
                  f"(the table does not say which). {told}")
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row" + ("" if n == 1 else "s")
 
 
 def _latency_note(data: ReportData) -> str:
@@ -338,7 +363,7 @@ table {{ border-collapse: collapse; font-size: 0.9em; }}
 table.figures th {{ text-align: left; font-weight: normal; color: #555; padding: 0.15em 1.2em 0.15em 0; }}
 table.figures td {{ text-align: right; font-variant-numeric: tabular-nums; padding: 0.15em 0; }}
 table.grid th, table.grid td {{ border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: right; }}
-table.grid th:first-child, table.grid td:first-child {{ text-align: left; }}
+table.grid th:first-child, table.grid td:first-child, table.grid td.text {{ text-align: left; }}
 pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }}
 </style>
 </head>

@@ -144,7 +144,7 @@ def test_the_reports_numbers_are_the_summarys(faulty_run, report):
     for model, numbers in summary["models"].items():
         assert f"<td>{model}</td><td>{numbers['rows']:,}</td><td>{numbers['ok']:,}</td>" in html_text
     for error in summary["errors"]:
-        assert (f"<td>{error['error_type']}</td><td>{error['error_code'] or ''}</td>"
+        assert (f"<td>{error['error_type']}</td><td class=\"text\">{error['error_code'] or ''}</td>"
                 f"<td>{error['http_status'] or ''}</td><td>{error['rows']:,}</td>") in html_text
 
 
@@ -175,6 +175,14 @@ def test_a_missing_output_is_a_source_error(tmp_path):
     result = run_cli("report", str(tmp_path / "nothing.parquet"), "--html", str(tmp_path / "r.html"))
     assert result.code == 2 and result.stderr.startswith("error: ") and "file not found" in result.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+def test_an_html_path_in_a_missing_folder_is_refused_before_reading(faulty_run, tmp_path):
+    """--html into a folder that does not exist: a usage error naming it (exit 2), nothing written."""
+    result = run_cli("report", str(faulty_run), "--html", str(tmp_path / "no" / "r.html"))
+    assert result.code == 2
+    assert result.stderr.splitlines() == [f"error: --html {tmp_path / 'no' / 'r.html'}: no folder {tmp_path / 'no'}",
+                                          "hint: create it, or choose another --html path"]
 
 
 def _synthetic_output(path: Path, rows: int, *, span: timedelta, models: int, codes: int) -> None:
@@ -296,34 +304,40 @@ window.addEventListener("load", () => {
 _BROKEN = '<section id="broken"><img src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAf"></section>'
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip("headless Chromium is not installed (Debian/Ubuntu: apt-get install -y chromium)")
-
-
-def _chromium_args(tmp_path: Path) -> list[str]:
-    return [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+def charts_as_drawn(chromium: str, report: Path, folder: Path) -> dict[str, dict]:
+    """Load a copy of `report` (plus a broken image) in headless Chromium: section id -> what the check script saw."""
+    page = folder / "checked.html"
+    page.write_text(report.read_text(encoding="utf-8").replace("</body>", _BROKEN + _CHECK + "</body>"),
+                    encoding="utf-8")
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-            "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}"]
-
-
-def test_every_chart_is_drawn_in_headless_chromium(report, tmp_path):
-    """Chromium loads the report from disk (no network needed) and decodes every chart at full size with ink on it."""
-    args = _chromium_args(tmp_path)
-    page = tmp_path / "checked.html"
-    page.write_text(report.read_text(encoding="utf-8").replace("</body>", _BROKEN + _CHECK + "</body>"), encoding="utf-8")
-    proc = subprocess.run([*args, "--virtual-time-budget=10000", "--dump-dom", page.as_uri()], capture_output=True,
-                          text=True, timeout=180, env={**os.environ, "HOME": str(tmp_path)})
+            "--hide-scrollbars", f"--user-data-dir={folder / 'chromium-profile'}", "--virtual-time-budget=10000",
+            "--dump-dom", page.as_uri()]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180, env={**os.environ, "HOME": str(folder)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     marker = proc.stdout.split('<pre id="chart-check">', 1)
     assert len(marker) == 2, "the check script did not run: " + proc.stdout[:500]
-    found = {entry["section"]: entry for entry in json.loads(html.unescape(marker[1].split("</pre>", 1)[0]))}
+    return {entry["section"]: entry for entry in json.loads(html.unescape(marker[1].split("</pre>", 1)[0]))}
+
+
+def assert_every_chart_drawn(found: dict[str, dict]) -> None:
+    """Every chart decoded at full size, laid out, with ink on it; the broken image not drawn."""
+    found = dict(found)
     assert found.pop("broken")["naturalWidth"] == 0
     assert set(found) == {f"chart-{name}" for name in CHARTS}
     for section, entry in found.items():
         assert entry["complete"] and (entry["naturalWidth"], entry["naturalHeight"]) == CHART_SIZE, section
         assert entry["shownWidth"] > 400, section
         assert entry["inked"] > 0.03, f"{section}: {entry['inked']:.1%} of its pixels are not white"
+
+
+def find_chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_every_chart_is_drawn_in_headless_chromium(report, tmp_path):
+    """Chromium loads the report from disk (no network needed) and decodes every chart at full size with ink on it."""
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (Debian/Ubuntu: apt-get install -y chromium)")
+    assert_every_chart_drawn(charts_as_drawn(chromium, report, tmp_path))
