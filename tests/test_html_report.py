@@ -28,6 +28,9 @@ MODELS = ["qwen-plus", "qwen-flash", "qwen-max"]
 FAULTS = {"429": 0.06, "500": 0.03, "400": 0.01, "moderation": 0.01, "502": 0.01, "slow": 0.01}
 CHART_SIZE = (864, 307)   # pixels: html_report's _SIZE at its _DPI
 MAX_BYTES = 2 * 1024 * 1024
+# The tests that read the faulty run share one worker under pytest-xdist (--dist loadgroup), so the
+# module's run is made once, not once per worker.
+ONE_WORKER = pytest.mark.xdist_group("html_report_faulty_run")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@ONE_WORKER
 def test_the_report_is_one_self_contained_file_with_every_chart(report):
     """No http(s) or protocol-relative src/href, no external script or stylesheet, and each chart is a PNG data: URI."""
     assert report.stat().st_size < MAX_BYTES
@@ -114,6 +118,7 @@ def test_the_report_is_one_self_contained_file_with_every_chart(report):
         assert _png_size(base64.b64decode(image["src"].split(",", 1)[1])) == CHART_SIZE
 
 
+@ONE_WORKER
 def test_the_reports_numbers_are_the_summarys(faulty_run, report):
     """Every figure shown, the by-model and error tables' totals and the embedded JSON equal `runner summary --json`."""
     result = run_cli("summary", str(faulty_run), "--json")
@@ -148,6 +153,7 @@ def test_the_reports_numbers_are_the_summarys(faulty_run, report):
                 f"<td>{error['http_status'] or ''}</td><td>{error['rows']:,}</td>") in html_text
 
 
+@ONE_WORKER
 def test_report_without_html_prints_the_summary_text(faulty_run):
     """`runner report OUT` with no --html prints what `runner summary OUT` prints."""
     report_text, summary_text = run_cli("report", str(faulty_run)), run_cli("summary", str(faulty_run))
@@ -155,13 +161,14 @@ def test_report_without_html_prints_the_summary_text(faulty_run):
     assert report_text.stdout == summary_text.stdout and "failed" in report_text.stdout
 
 
-def test_without_matplotlib_the_html_report_is_a_one_line_error(faulty_run, tmp_path):
-    """With matplotlib unimportable: `error:` and `hint: pip install ...[report]`, exit 2, no traceback, no file."""
+def test_without_matplotlib_the_html_report_is_a_one_line_error(tmp_path):
+    """With matplotlib unimportable: `error:` and `hint: pip install ...[report]`, exit 2, no traceback, no file;
+    checked before the output is read (it is not even there)."""
     blocker = tmp_path / "blocker" / "matplotlib"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib (blocked by the test)')\n")
     destination = tmp_path / "report.html"
-    result = run_cli("report", str(faulty_run), "--html", str(destination),
+    result = run_cli("report", str(tmp_path / "not-read.parquet"), "--html", str(destination),
                      env={"PYTHONPATH": str(blocker.parent)})
     assert result.code == 2
     assert result.stderr.splitlines() == [
@@ -177,9 +184,9 @@ def test_a_missing_output_is_a_source_error(tmp_path):
     assert not (tmp_path / "r.html").exists()
 
 
-def test_an_html_path_in_a_missing_folder_is_refused_before_reading(faulty_run, tmp_path):
-    """--html into a folder that does not exist: a usage error naming it (exit 2), nothing written."""
-    result = run_cli("report", str(faulty_run), "--html", str(tmp_path / "no" / "r.html"))
+def test_an_html_path_in_a_missing_folder_is_refused_before_reading(tmp_path):
+    """--html into a folder that does not exist: a usage error naming it (exit 2), before the output is read."""
+    result = run_cli("report", str(tmp_path / "not-read.parquet"), "--html", str(tmp_path / "no" / "r.html"))
     assert result.code == 2
     assert result.stderr.splitlines() == [f"error: --html {tmp_path / 'no' / 'r.html'}: no folder {tmp_path / 'no'}",
                                           "hint: create it, or choose another --html path"]
@@ -335,6 +342,7 @@ def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@ONE_WORKER
 def test_every_chart_is_drawn_in_headless_chromium(report, tmp_path):
     """Chromium loads the report from disk (no network needed) and decodes every chart at full size with ink on it."""
     chromium = find_chromium()
