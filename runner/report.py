@@ -14,6 +14,9 @@ from .errors import SourceError
 from .records import Result
 from .sink import CURRENCY_KEY, MANIFEST
 
+# Sees each row summarize_file counts, as a dict of SUMMARY_COLUMNS and the OPTIONAL_COLUMNS the file has.
+RowObserver = Callable[[dict[str, Any]], None]
+
 
 def _sorted(values: array):
     import pyarrow as pa
@@ -265,8 +268,6 @@ SUMMARY_COLUMNS = ["status", "error_type", "error_code", "finish_reason", "attem
                    "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "started_at", "finished_at"]
 # Not in every output: mode came with batch mode, duration_ms with issue 17 (older outputs read as null).
 OPTIONAL_COLUMNS = ["mode", "model", "http_status", "duration_ms"]
-# Sees each counted row as a dict of the columns above (optional ones only where the file has them).
-RowObserver = Callable[[dict[str, Any]], None]
 
 
 def summarize_file(path: str | Path, *, observe: RowObserver | None = None) -> RunSummary:
