@@ -365,10 +365,12 @@ def report(output: str, html_path: str | None) -> int:
 
         click.echo(summarize_file(output).render())
         return EXIT_OK
+    from pathlib import Path
+
     from .html_report import write_html_report
 
     data = write_html_report(output, html_path)
-    click.echo(f"report     {html_path} ({os.path.getsize(html_path) / 1024:,.0f} KB, {data.summary.rows:,} rows)")
+    click.echo(f"report     {html_path} ({Path(html_path).stat().st_size / 1024:,.0f} KB, {data.summary.rows:,} rows)")
     return EXIT_OK
 
 
