@@ -370,6 +370,27 @@ def summary(output: str, as_json: bool) -> int:
 
 
 @main.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write a self-contained HTML report (charts and numbers) to FILE; needs the report extra.")
+@_funnel
+def report(output: str, html_path: str | None) -> int:
+    """The report of an OUTPUT file: with --html, one HTML file of charts and numbers; without, the summary text."""
+    if html_path is None:
+        from .report import summarize_file
+
+        click.echo(summarize_file(output).render())
+        return EXIT_OK
+    from pathlib import Path
+
+    from .html_report import write_html_report
+
+    data = write_html_report(output, html_path)
+    click.echo(f"report     {html_path} ({Path(html_path).stat().st_size / 1024:,.0f} KB, {data.summary.rows:,} rows)")
+    return EXIT_OK
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on (0 picks a free one).")
 @click.option("--latency-ms", default=0.0, show_default=True, type=float, help="Delay before every answer.")

@@ -71,6 +71,13 @@ class Interrupted(RunnerError):
     exit_code = 130
 
 
+class MissingExtra(RunnerError):
+    """A command needs an optional extra that is not installed (the report's plotting library): nothing was
+    read or written, the install is the fix."""
+
+    exit_code = 2
+
+
 class CallError(Exception):
     """One request failed. Carries what the output row records about the failure."""
 

@@ -8,11 +8,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import SourceError
 from .records import Result
 from .sink import CURRENCY_KEY, MANIFEST
+
+# Sees each row summarize_file counts, as a dict of SUMMARY_COLUMNS and the OPTIONAL_COLUMNS the file has.
+RowObserver = Callable[[dict[str, Any]], None]
 
 
 def _sorted(values: array):
@@ -299,16 +302,17 @@ SUMMARY_COLUMNS = ["status", "error_type", "error_code", "finish_reason", "attem
 OPTIONAL_COLUMNS = ["mode", "model", "http_status", "duration_ms", "variant"]
 
 
-def summarize_file(path: str | Path) -> RunSummary:
+def summarize_file(path: str | Path, *, observe: RowObserver | None = None) -> RunSummary:
     """A summary from an output Parquet file, read batch by batch; for a run that has not finished (no
-    output yet), from the parts it committed, the newest row per row_id winning as in the merge."""
+    output yet), from the parts it committed, the newest row per row_id winning as in the merge.
+    `observe`, if given, sees every row the summary counts (the HTML report's charts read them so)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     parts_dir = path.with_name(path.name + ".parts")
     if not path.exists() and parts_dir.is_dir():
-        return _summarize_parts(path, parts_dir)
+        return _summarize_parts(path, parts_dir, observe)
     try:
         parquet = pq.ParquetFile(path)
     except FileNotFoundError:
@@ -320,7 +324,7 @@ def summarize_file(path: str | Path) -> RunSummary:
         metadata = parquet.schema_arrow.metadata or {}
         if CURRENCY_KEY in metadata:
             summary.currency = metadata[CURRENCY_KEY].decode()
-        _add_rows(summary, parquet, path)
+        _add_rows(summary, parquet, path, observe=observe)
     _read_summary_json(summary, path)
     return summary
 
@@ -333,7 +337,8 @@ def _columns(parquet, path: Path) -> list[str]:
     return SUMMARY_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names]
 
 
-def _add_rows(summary: RunSummary, parquet, path: Path, seen: bytearray | None = None) -> None:
+def _add_rows(summary: RunSummary, parquet, path: Path, seen: bytearray | None = None,
+              observe: RowObserver | None = None) -> None:
     """Add every row of `parquet` to `summary`; with `seen` (a row_id bitmap), only rows not seen yet."""
     columns = _columns(parquet, path) + (["row_id"] if seen is not None else [])
     for batch in parquet.iter_batches(columns=columns, batch_size=65_536):
@@ -346,6 +351,8 @@ def _add_rows(summary: RunSummary, parquet, path: Path, seen: bytearray | None =
                     continue
                 seen[row_id] = 1
             summary.add(_result(row))
+            if observe is not None:
+                observe(row)
 
 
 def _result(row: dict[str, Any]) -> Result:
@@ -362,7 +369,7 @@ def _result(row: dict[str, Any]) -> Result:
         variant=row.get("variant"))
 
 
-def _summarize_parts(path: Path, parts_dir: Path) -> RunSummary:
+def _summarize_parts(path: Path, parts_dir: Path, observe: RowObserver | None = None) -> RunSummary:
     """The rows an unfinished run committed: newest part first, so a row sent again counts once, as its
     latest result (the merge's rule). Rows only in a journal are not committed yet and not counted."""
     import json
@@ -380,7 +387,7 @@ def _summarize_parts(path: Path, parts_dir: Path) -> RunSummary:
     for part in parts:
         try:
             with pq.ParquetFile(part) as parquet:
-                _add_rows(summary, parquet, part, seen)
+                _add_rows(summary, parquet, part, seen, observe)
         except (OSError, pa.ArrowException) as exc:
             raise SourceError(f"{part}: cannot read a committed part ({exc})") from None
     if summary.currency is None:
