@@ -1,0 +1,187 @@
+"""The Ray executor end to end: the real CLI joins one local Ray (num_cpus=2, started once for the module)
+and runs jobs against the emulator over loopback.
+
+What is pinned here is counted, never timed: the table equals the online executor's, the 429 share under
+a shared RPM limit, every row once after a kill -9 of the driver or of an actor. The accepted rate under
+the limit (a timing) is measured by tests/bench/bench_ray.py, which prints it against the limit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
+
+ray = pytest.importorskip("ray", reason="the Ray executor needs the runner[ray] extra: pip install -e '.[test,ray]'")
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# Timings and per-attempt ids differ from run to run; everything else must be equal.
+IGNORED = {"started_at", "finished_at", "latency_ms", "duration_ms", "request_id", "time_to_first_token_ms"}
+FAULTS = {"429": 0.03, "500": 0.05, "503": 0.03, "400": 0.02, "drop": 0.02}
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray for the module (ray.init takes seconds); each CLI run joins it by address."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _comparable(path) -> list[dict]:
+    table = pq.read_table(path)
+    return table.drop_columns([c for c in table.schema.names if c in IGNORED]).to_pylist()
+
+
+def _row_actor_pids() -> list[int]:
+    """Processes of live row actors (Ray names a worker's process after its actor class)."""
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "ray::RowActor" in line]
+
+
+def test_faulty_job_gives_the_online_table(tmp_path, make_emulator, ray_address):
+    """2,000 rows through throttling, 5xx, dropped connections and permanent 400s: executor ray writes the
+    same table as online (the emulator's faults are fixed per row and attempt), every row once, in order."""
+    records = write_prompts(tmp_path / "prompts.parquet", 2000)
+    tables = {}
+    for executor in ("online", "ray"):
+        emu = make_emulator(faults=FAULTS, seed=11)
+        job = make_job(tmp_path, emu, name=executor, output={"path": f"out/{executor}.parquet"},
+                       input={"path": "prompts.parquet", "id_column": "id", "prompt_column": "prompt",
+                              "keep_columns": ["n"]},
+                       run={"concurrency": 32, "executor": executor, "max_error_rate": 0.1})
+        result = run_cli("run", str(job), "--ray-address", ray_address)
+        assert result.code == 0, result.stderr
+        stats = emu.stats()
+        assert stats["succeeded_more_than_once"] == 0
+        rows = read_output(tmp_path / f"out/{executor}.parquet")
+        assert [r["key"] for r in rows] == [r["id"] for r in records]
+        assert sum(r["attempts"] for r in rows) == stats["requests"]
+        tables[executor] = _comparable(tmp_path / f"out/{executor}.parquet")
+    failed = [r for r in tables["ray"] if r["status"] == "error"]
+    assert 10 < len(failed) < 100 and {r["error_type"] for r in failed} == {"PermanentCallError"}
+    assert sum(r["attempts"] > 1 for r in tables["ray"]) > 150
+    assert tables["ray"] == tables["online"]
+
+
+def test_two_actors_share_one_rpm_limit(tmp_path, make_emulator, ray_address):
+    """The emulator enforces RPM 3,000 (50/s); two row actors, each able to send far faster, share the one
+    limit through the limiter actor: fewer than 1% of requests are answered 429, every row once, and
+    both actors sent rows. (The accepted rate against the limit is a timing: bench_ray.py prints it.)"""
+    emu = make_emulator(rpm=3000, latency_ms=20, request_log=True)
+    write_prompts(tmp_path / "prompts.jsonl", 600)
+    job = make_job(tmp_path, emu, run={"rpm": 3000, "concurrency": 64, "executor": "ray", "adaptive_rate": True,
+                                       "cooldown_seconds": 0.25})
+    result = run_cli("run", str(job), "--ray-address", ray_address)
+    assert result.code == 0, result.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert len(rows) == 600 and all(r["status"] == "ok" for r in rows)
+    stats = emu.stats(log=True)
+    assert stats["succeeded_more_than_once"] == 0
+    assert stats["rejected"]["rpm"] < 0.01 * stats["requests"], stats["rejected"]
+    found = re.search(r"ray: (\d+) row actors; ([\d,]+) requests took ([\d,]+) leases", result.stderr)
+    assert found, result.stderr
+    actors, slots, leases = (int(g.replace(",", "")) for g in found.groups())
+    assert actors == 2 and slots >= stats["requests"] and leases < slots / 2  # leased in chunks
+
+
+def test_kill_9_of_the_driver_then_a_rerun_sends_only_what_is_missing(tmp_path, make_emulator, ray_address):
+    """kill -9 of the driver mid-run: the rerun resumes from the committed rows, every row is in the output
+    once and in order, and no more rows were paid twice than were in flight (the concurrency)."""
+    concurrency = 16
+    emu = make_emulator(latency_ms=20, latency_jitter_ms=20)
+    records = write_prompts(tmp_path / "prompts.jsonl", 1500)
+    job = make_job(tmp_path, emu, run={"concurrency": concurrency, "executor": "ray", "part_rows": 100,
+                                       "part_seconds": 0.5})
+    proc = start_cli("run", str(job), "--ray-address", ray_address)
+    try:
+        wait_until(lambda: emu.stats(keys=False)["requests"] >= 500 or proc.poll() is not None,
+                   timeout=120, what="500 requests")
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert not (tmp_path / "out/result.parquet").exists()
+    # The killed driver's actors die with it (Ray ends the actors a dead driver owned).
+    wait_until(lambda: not _row_actor_pids(), timeout=60, what="the killed driver's actors to end")
+    answered_before = emu.stats(keys=False)["by_status"]["200"]
+    result = run_cli("run", str(job), "--ray-address", ray_address)
+    assert result.code == 0, result.stderr
+    assert "resuming:" in result.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [r["key"] for r in rows] == [r["id"] for r in records]
+    stats = emu.stats()
+    assert len(stats["keys"]) == 1500 and all(v["succeeded"] >= 1 for v in stats["keys"].values())
+    assert stats["succeeded_more_than_once"] <= concurrency
+    assert stats["by_status"]["200"] - answered_before < 1500  # the rerun did not send everything again
+
+
+def test_a_lost_actor_is_restarted_and_its_rows_are_sent_once(tmp_path, make_emulator, ray_address):
+    """kill -9 of a row actor mid-run: Ray restarts it, the driver sends the rows it had not answered again,
+    the run ends ok with every row once, and at most that actor's share of rows was paid twice."""
+    concurrency = 16
+    emu = make_emulator(latency_ms=30, latency_jitter_ms=30)
+    records = write_prompts(tmp_path / "prompts.jsonl", 800)
+    job = make_job(tmp_path, emu, run={"concurrency": concurrency, "executor": "ray"})
+    proc = start_cli("run", str(job), "--ray-address", ray_address)
+    try:
+        wait_until(lambda: emu.stats(keys=False)["requests"] >= 200 or proc.poll() is not None,
+                   timeout=120, what="200 requests")
+        pids = _row_actor_pids()
+        assert pids and proc.poll() is None
+        os.kill(pids[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Ray row actor was lost" in stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [r["key"] for r in rows] == [r["id"] for r in records] and all(r["status"] == "ok" for r in rows)
+    assert emu.stats()["succeeded_more_than_once"] <= concurrency
+
+
+def test_sigint_drains_and_sends_nothing_new(tmp_path, make_emulator, ray_address):
+    """The first SIGINT: no request reaches the server after it (actors waiting for the shared limiter send
+    nothing), requests in flight are committed, exit 130; the rerun finishes with nothing paid twice."""
+    emu = make_emulator(latency_ms=2000)
+    write_prompts(tmp_path / "prompts.jsonl", 200)
+    job = make_job(tmp_path, emu, run={"concurrency": 8, "rpm": 120, "executor": "ray", "adaptive_rate": True,
+                                       "cooldown_seconds": 0.25, "drain_seconds": 30})
+    proc = start_cli("run", str(job), "--ray-address", ray_address)
+    try:
+        wait_until(lambda: emu.stats(keys=False)["requests"] >= 3 or proc.poll() is not None,
+                   timeout=120, what="three requests")
+        # Right after an arrival: the next one is due about 0.5 s later, so nothing is on the wire now.
+        signalled = time.monotonic()  # the emulator's clock (system-wide on Linux)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "run the same command again" in stderr and "Traceback" not in stderr
+    stats = emu.stats(keys=False)
+    assert stats["clock"]["last_arrival"] < signalled, f"{stats['requests']} requests arrived"
+    answered = stats["by_status"]["200"]
+    assert 3 <= answered < 200
+    result = run_cli("run", str(job), "--ray-address", ray_address)
+    assert result.code == 0, result.stderr
+    assert f"resuming: {answered} rows already done" in result.stderr
+    assert len(read_output(tmp_path / "out/result.parquet")) == 200
+    assert emu.stats()["succeeded_more_than_once"] == 0
