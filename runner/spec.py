@@ -118,6 +118,8 @@ class RunSpec:
     max_cost: float | None = None
     mode: str = "online"  # the executor: "online", "batch" or "ray" ([run] executor or [run] mode)
     ray_address: str | None = None  # executor "ray": None starts a local Ray for the run; "auto" or an address joins one
+    # executor "ray", joining by address: Ray's runtime env for the run (None: ship this runner's own package)
+    ray_runtime_env: Mapping[str, Any] | None = None
     completion_window: str = "24h"
     batch_fallback_after: float | None = None  # seconds after the first batch is created; None: never
     batch_poll_seconds: float = 60.0  # the longest wait between two status checks
@@ -253,7 +255,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
             "adaptive_rate": _BOOL, "expected_output_tokens": _INT, "cooldown_seconds": _NUM,
             "retry_budget": _NUM, "max_cost": _NUM, "mode": _STR, "completion_window": _STR,
             "batch_fallback_after": _STR, "batch_poll_seconds": _NUM, "batch_max_lines": _INT,
-            "batch_max_bytes": _INT, "batch_description": _STR, "executor": _STR, "ray_address": _STR},
+            "batch_max_bytes": _INT, "batch_description": _STR, "executor": _STR, "ray_address": _STR,
+            "ray_runtime_env": "a table"},
     "output": {"path": _STR},
 }
 
@@ -573,7 +576,10 @@ def _batch_settings(run: RunSpec, get, fail) -> RunSpec:
     description = get("run", "batch_description")
     if description is not None and len(description) > BATCH_MAX_DESCRIPTION:
         _raise(fail("run", "batch_description", f"at most {BATCH_MAX_DESCRIPTION} characters, got {len(description)}"))
-    return dataclasses.replace(run, mode=mode, ray_address=ray_address, completion_window=window, batch_fallback_after=fallback,
+    runtime_env = get("run", "ray_runtime_env", None)
+    return dataclasses.replace(run, mode=mode, ray_address=ray_address,
+                               ray_runtime_env=MappingProxyType(runtime_env) if runtime_env is not None else None,
+                               completion_window=window, batch_fallback_after=fallback,
                                batch_poll_seconds=float(get("run", "batch_poll_seconds", 60.0)),
                                batch_max_lines=lines, batch_max_bytes=size, batch_description=description)
 

@@ -38,6 +38,11 @@ def ray_address():
         ray.shutdown()
 
 
+def _job(tmp_path, emu, **kwargs):
+    """A job for the fixture's Ray, whose workers import this checkout's runner: no code to ship."""
+    return make_job(tmp_path, emu, **{**kwargs, "run": {"ray_runtime_env": {}, **kwargs.get("run", {})}})
+
+
 def _comparable(path) -> list[dict]:
     table = pq.read_table(path)
     return table.drop_columns([c for c in table.schema.names if c in IGNORED]).to_pylist()
@@ -56,7 +61,7 @@ def test_faulty_job_gives_the_online_table(tmp_path, make_emulator, ray_address)
     tables = {}
     for executor in ("online", "ray"):
         emu = make_emulator(faults=FAULTS, seed=11)
-        job = make_job(tmp_path, emu, name=executor, output={"path": f"out/{executor}.parquet"},
+        job = _job(tmp_path, emu, name=executor, output={"path": f"out/{executor}.parquet"},
                        input={"path": "prompts.parquet", "id_column": "id", "prompt_column": "prompt",
                               "keep_columns": ["n"]},
                        run={"concurrency": 32, "executor": executor, "max_error_rate": 0.1})
@@ -79,13 +84,13 @@ def test_two_actors_share_one_rpm_limit(tmp_path, make_emulator, ray_address):
     limit through the limiter actor: fewer than 1% of requests are answered 429, every row once, and
     both actors sent rows. (The accepted rate against the limit is a timing: bench_ray.py prints it.)"""
     emu = make_emulator(rpm=3000, latency_ms=20, request_log=True)
-    write_prompts(tmp_path / "prompts.jsonl", 600)
-    job = make_job(tmp_path, emu, run={"rpm": 3000, "concurrency": 64, "executor": "ray", "adaptive_rate": True,
+    write_prompts(tmp_path / "prompts.jsonl", 400)
+    job = _job(tmp_path, emu, run={"rpm": 3000, "concurrency": 64, "executor": "ray", "adaptive_rate": True,
                                        "cooldown_seconds": 0.25})
     result = run_cli("run", str(job), "--ray-address", ray_address)
     assert result.code == 0, result.stderr
     rows = read_output(tmp_path / "out/result.parquet")
-    assert len(rows) == 600 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 400 and all(r["status"] == "ok" for r in rows)
     stats = emu.stats(log=True)
     assert stats["succeeded_more_than_once"] == 0
     assert stats["rejected"]["rpm"] < 0.01 * stats["requests"], stats["rejected"]
@@ -100,13 +105,13 @@ def test_kill_9_of_the_driver_then_a_rerun_sends_only_what_is_missing(tmp_path, 
     once and in order, and no more rows were paid twice than were in flight (the concurrency)."""
     concurrency = 16
     emu = make_emulator(latency_ms=20, latency_jitter_ms=20)
-    records = write_prompts(tmp_path / "prompts.jsonl", 1500)
-    job = make_job(tmp_path, emu, run={"concurrency": concurrency, "executor": "ray", "part_rows": 100,
+    records = write_prompts(tmp_path / "prompts.jsonl", 1000)
+    job = _job(tmp_path, emu, run={"concurrency": concurrency, "executor": "ray", "part_rows": 100,
                                        "part_seconds": 0.5})
     proc = start_cli("run", str(job), "--ray-address", ray_address)
     try:
-        wait_until(lambda: emu.stats(keys=False)["requests"] >= 500 or proc.poll() is not None,
-                   timeout=120, what="500 requests")
+        wait_until(lambda: emu.stats(keys=False)["requests"] >= 300 or proc.poll() is not None,
+                   timeout=120, what="300 requests")
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.kill()
         proc.wait(timeout=30)
@@ -124,9 +129,9 @@ def test_kill_9_of_the_driver_then_a_rerun_sends_only_what_is_missing(tmp_path, 
     rows = read_output(tmp_path / "out/result.parquet")
     assert [r["key"] for r in rows] == [r["id"] for r in records]
     stats = emu.stats()
-    assert len(stats["keys"]) == 1500 and all(v["succeeded"] >= 1 for v in stats["keys"].values())
+    assert len(stats["keys"]) == 1000 and all(v["succeeded"] >= 1 for v in stats["keys"].values())
     assert stats["succeeded_more_than_once"] <= concurrency
-    assert stats["by_status"]["200"] - answered_before < 1500  # the rerun did not send everything again
+    assert stats["by_status"]["200"] - answered_before < 1000  # the rerun did not send everything again
 
 
 def test_a_lost_actor_is_restarted_and_its_rows_are_sent_once(tmp_path, make_emulator, ray_address):
@@ -135,7 +140,7 @@ def test_a_lost_actor_is_restarted_and_its_rows_are_sent_once(tmp_path, make_emu
     concurrency = 16
     emu = make_emulator(latency_ms=30, latency_jitter_ms=30)
     records = write_prompts(tmp_path / "prompts.jsonl", 800)
-    job = make_job(tmp_path, emu, run={"concurrency": concurrency, "executor": "ray"})
+    job = _job(tmp_path, emu, run={"concurrency": concurrency, "executor": "ray"})
     proc = start_cli("run", str(job), "--ray-address", ray_address)
     try:
         wait_until(lambda: emu.stats(keys=False)["requests"] >= 200 or proc.poll() is not None,
@@ -158,9 +163,9 @@ def test_a_lost_actor_is_restarted_and_its_rows_are_sent_once(tmp_path, make_emu
 def test_sigint_drains_and_sends_nothing_new(tmp_path, make_emulator, ray_address):
     """The first SIGINT: no request reaches the server after it (actors waiting for the shared limiter send
     nothing), requests in flight are committed, exit 130; the rerun finishes with nothing paid twice."""
-    emu = make_emulator(latency_ms=2000)
-    write_prompts(tmp_path / "prompts.jsonl", 200)
-    job = make_job(tmp_path, emu, run={"concurrency": 8, "rpm": 120, "executor": "ray", "adaptive_rate": True,
+    emu = make_emulator(latency_ms=1500)
+    write_prompts(tmp_path / "prompts.jsonl", 100)
+    job = _job(tmp_path, emu, run={"concurrency": 8, "rpm": 120, "executor": "ray", "adaptive_rate": True,
                                        "cooldown_seconds": 0.25, "drain_seconds": 30})
     proc = start_cli("run", str(job), "--ray-address", ray_address)
     try:
@@ -179,9 +184,10 @@ def test_sigint_drains_and_sends_nothing_new(tmp_path, make_emulator, ray_addres
     stats = emu.stats(keys=False)
     assert stats["clock"]["last_arrival"] < signalled, f"{stats['requests']} requests arrived"
     answered = stats["by_status"]["200"]
-    assert 3 <= answered < 200
-    result = run_cli("run", str(job), "--ray-address", ray_address)
+    assert 3 <= answered < 100
+    # The rest at full speed: rpm and concurrency are not part of the job's identity.
+    result = run_cli("run", str(job), "--ray-address", ray_address, "--rpm", "60000", "--concurrency", "64")
     assert result.code == 0, result.stderr
     assert f"resuming: {answered} rows already done" in result.stderr
-    assert len(read_output(tmp_path / "out/result.parquet")) == 200
+    assert len(read_output(tmp_path / "out/result.parquet")) == 100
     assert emu.stats()["succeeded_more_than_once"] == 0

@@ -119,7 +119,7 @@ class RayExecutor:
             raise NoPrice(f"no price for model {spec.model.name!r} in {prices.region}, so [run] max_cost cannot "
                           "be guaranteed", hint="set [model] price_input and price_output (per 1M tokens)")
         job.announce_resume()
-        with ray_session(self.address) as joined:
+        with ray_session(self.address, spec.run.ray_runtime_env) as joined:
             return await self._run(job, stop, joined)
 
     async def _run(self, job: JobRun, stop: Stop, joined: bool) -> Finish:

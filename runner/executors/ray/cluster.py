@@ -10,13 +10,14 @@ SIGTERM handler in the driver).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import ray
 
@@ -33,7 +34,7 @@ class RayUnavailable(RunnerError):
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[bool]:
+def ray_session(address: str | None, runtime_env: Mapping[str, Any] | None = None) -> Iterator[bool]:
     """Ray for the run; yields whether it runs on a cluster joined by address. A Ray already initialised
     in this process (an application embedding the runner, the tests) is used as it is and left running."""
     if ray.is_initialized():
@@ -44,7 +45,7 @@ def ray_session(address: str | None) -> Iterator[bool]:
     handlers = _signal_handlers()
     try:
         ray.init(address=address, include_dashboard=False if address is None else None,
-                 runtime_env=_runtime_env(address), logging_level=logging.ERROR, log_to_driver=False,
+                 runtime_env=_runtime_env(address, runtime_env), logging_level=logging.ERROR, log_to_driver=False,
                  namespace="dashscope-runner")
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: whatever ray.init raises
         where = f"the Ray cluster at {address}" if address else "a local Ray"
@@ -60,10 +61,14 @@ def ray_session(address: str | None) -> Iterator[bool]:
         ray.shutdown()
 
 
-def _runtime_env(address: str | None) -> dict | None:
-    """On a cluster joined by address, this runner's own package goes to the workers (so the actors run the
-    driver's code; Ray's pip or working_dir runtime env brings the dependencies). A driver started by `ray job
-    submit` has its job's runtime env already (its working_dir holds the runner): it is left as it is."""
+def _runtime_env(address: str | None, given: Mapping[str, Any] | None) -> dict | None:
+    """The run's runtime env: [run] ray_runtime_env when given (Ray merges it with a submitted job's own).
+    Else, on a cluster joined by address, this runner's own package goes to the workers, so the actors run
+    the driver's code (shipping it costs a few seconds a run; `ray_runtime_env = {}` skips it where the
+    workers have the same runner installed). A driver started by `ray job submit` has its job's runtime env
+    already (its working_dir holds the runner), and a local Ray's workers share the driver's files."""
+    if given is not None:
+        return json.loads(json.dumps(dict(given)))  # plain dicts and lists, as Ray takes them
     if address is None or os.environ.get(SUBMITTED_JOB_ENV):
         return None
     return {"py_modules": [str(RUNNER_PACKAGE)]}
