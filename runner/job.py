@@ -80,7 +80,7 @@ def executor_for(spec: JobSpec) -> Executor:
             if (exc.name or "").split(".")[0] != "ray":
                 raise  # a bug of ours, not a missing extra
             raise SpecError("[run] executor = \"ray\" needs Ray, which is not installed",
-                            hint="pip install 'dashscope-batch-runner[ray]' (Ray Data 2.40 or newer)") from exc
+                            hint="pip install 'dashscope-batch-runner[ray]' (Ray 2.40 or newer)") from exc
         return RayExecutor(address=spec.run.ray_address)
     return BatchExecutor() if spec.run.mode == "batch" else OnlineExecutor()
 

@@ -19,6 +19,9 @@ import pytest
 
 from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
 
+# Ray binds loopback only, as every test server here (its default on Linux is the machine's address);
+# the CLI runs inherit the setting.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray", reason="the Ray executor needs the runner[ray] extra: pip install -e '.[test,ray]'")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -42,18 +42,19 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import ray
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from ray.exceptions import RayActorError
 
-from ...cost import NoPrice
-from ...errors import Interrupted, RunnerError
-from ...records import Request, Result
-from ...row_sender import invalid_row_result
-from ...sink import DoneRows
-from ...sources import RequestSource
-from .. import Finish, JobRun, Stop, first_runner_error
-from .cluster import ray_session
+from .cluster import ray_session  # first: it sets how Ray binds before Ray is imported
+import ray  # noqa: E402, I001
+from ray.exceptions import RayActorError  # noqa: E402
+
+from ...cost import NoPrice  # noqa: E402
+from ...errors import Interrupted, RunnerError  # noqa: E402
+from ...records import Request, Result  # noqa: E402
+from ...row_sender import invalid_row_result  # noqa: E402
+from ...sink import DoneRows  # noqa: E402
+from ...sources import RequestSource  # noqa: E402
+from .. import Finish, JobRun, Stop, first_runner_error  # noqa: E402
 from .limiter import SharedLimiter
 from .sender import RowActor, SealedKey, rebuild
 

@@ -2,10 +2,11 @@
 
 Ray's own ways stay Ray's: an address is what `ray.init(address=...)` takes ("auto" for the cluster
 this machine belongs to, "ray://head:10001" for Ray Client), and a runtime env given to `ray job
-submit` applies as usual. What this module adds: the runner's own code is shipped to the actors
-when joining a cluster (so they run the driver's version of it), Ray's start-up messages are kept
-off the progress display, and the run's signal handlers survive `ray.init` (which installs its own
-SIGTERM handler in the driver).
+submit` applies as usual. What this module adds: a local Ray started for the run listens on
+loopback only (Ray's default on Linux is the machine's address, for a cluster this one is not), the
+runner's own code is shipped to the actors when joining a cluster (so they run the driver's version
+of it), Ray's start-up messages are kept off the progress display, and the run's signal handlers
+survive `ray.init` (which installs its own SIGTERM handler in the driver).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import ray
+# Read by Ray when it is imported: a Ray started here binds 127.0.0.1 (as on macOS and Windows). Joining a
+# cluster is unchanged: the driver then takes its address from the node it connects to.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from ...errors import RunnerError
+import ray  # noqa: E402  (after the setting above)
+
+from ...errors import RunnerError  # noqa: E402
 
 RUNNER_PACKAGE = Path(__file__).resolve().parents[2]  # runner/
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
