@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
+from tests.test_cost import _committed_cost
 
 # Ray binds loopback only, as every test server here (its default on Linux is the machine's address);
 # the CLI runs inherit the setting.
@@ -194,3 +195,24 @@ def test_sigint_drains_and_sends_nothing_new(tmp_path, make_emulator, ray_addres
     assert f"resuming: {answered} rows already done" in result.stderr
     assert len(read_output(tmp_path / "out/result.parquet")) == 100
     assert emu.stats()["succeeded_more_than_once"] == 0
+
+
+def test_the_budget_is_reserved_through_the_shared_actor(tmp_path, make_emulator, ray_address):
+    """[run] max_cost under Ray: every actor reserves through the limiter actor, so the spend of all of them
+    stops at or under the budget (exit 1 naming it); a rerun with a higher budget sends only the rest."""
+    emu = make_emulator(latency_ms=20)
+    write_prompts(tmp_path / "prompts.jsonl", 1000)
+    job = _job(tmp_path, emu, model={"max_tokens": 20}, run={"concurrency": 64, "executor": "ray",
+                                                             "part_seconds": 0.2})
+    budget = 0.0015
+    first = run_cli("run", str(job), "--max-cost", str(budget), "--ray-address", ray_address)
+    assert first.code == 1, first.stderr
+    assert "the budget is reached" in first.stderr and "max_cost 0.0015" in first.stderr
+    spent = _committed_cost(tmp_path / "out/result.parquet.parts")
+    assert 0.5 * budget < spent <= budget
+    answered = emu.stats(keys=False)["by_status"]["200"]
+    second = run_cli("run", str(job), "--max-cost", "1", "--ray-address", ray_address)
+    assert second.code == 0, second.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert len(rows) == 1000 and all(r["status"] == "ok" for r in rows)
+    assert emu.stats()["succeeded_more_than_once"] == 0 and answered < 1000

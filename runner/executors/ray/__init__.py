@@ -163,11 +163,15 @@ class RayExecutor:
                         await handle.flush.remote()
                     except RayActorError:
                         pass
-                described = await shared.describe.remote()
-                counters.update(described)
-                summary.rate_control = described["rate_control"]
-                job.notice(f"ray: {actors} row actors; {described['slots']:,} requests took {described['leases']:,} "
-                           "leases from the shared limiter")
+                try:
+                    described = await shared.describe.remote()
+                except RayActorError:  # the run's error says so
+                    described = None
+                if described is not None:
+                    counters.update(described)
+                    summary.rate_control = described["rate_control"]
+                    job.notice(f"ray: {actors} row actors; {described['slots']:,} requests took "
+                               f"{described['leases']:,} leases from the shared limiter")
         finally:
             for handle in handles:  # the run's actors end with it, also on a cluster that outlives it
                 ray.kill(handle)

@@ -28,8 +28,10 @@ from collections import Counter, deque
 from typing import Any
 
 import anyio
+from ray.exceptions import RayActorError
 
 from ...cost import BudgetReached, CostBudget
+from ...errors import RunnerError
 from ...ratelimit import Limits, LocalRateLimiter, Sent, limits_table
 from ...spec import RunSpec
 from .. import Stopping
@@ -37,6 +39,18 @@ from .. import Stopping
 # How far ahead of its turn a slot may be handed out: covers a lease's round trip, with room to spare on a
 # loaded machine. A lease collects slots for up to 3/4 of it, so its first slot is handed out LEAD/4 early.
 LEAD = 0.4
+class LimiterLost(RunnerError):
+    """The shared limiter actor is gone: no actor may send without it (the account's limit would be overrun)."""
+
+    exit_code = 1
+
+
+def _lost(exc: RayActorError) -> LimiterLost:
+    return LimiterLost(f"the Ray actor holding the shared rate limit was lost ({type(exc).__name__})",
+                       hint="committed rows are kept; check the cluster (ray status) and run the same command again "
+                            "to resume")
+
+
 MAX_LEASE = 64  # slots one lease may carry
 REPORT_SECONDS = 0.1  # an actor sends its buffered reports at most this often
 
@@ -207,7 +221,10 @@ class LeasedRateLimiter:
     async def reserve(self, amount: float) -> None:
         self._start_flusher()
         reports, self._reports = self._reports, []
-        refused = await self._shared.reserve_cost.remote(amount, reports)
+        try:
+            refused = await self._shared.reserve_cost.remote(amount, reports)
+        except RayActorError as exc:
+            raise _lost(exc) from exc
         if refused is None:
             return
         message, hint = refused
@@ -231,14 +248,20 @@ class LeasedRateLimiter:
         """Send the buffered reports now (and wait until the limiter has them)."""
         reports, self._reports = self._reports, []
         if reports:
-            await self._shared.report.remote(reports)
+            try:
+                await self._shared.report.remote(reports)
+            except RayActorError:
+                pass  # only counts for the summary were lost
 
     # -- inside ----------------------------------------------------------------------------
     async def _lease(self, model: str, tokens: int) -> None:
         event = self._leasing[model] = anyio.Event()
         try:
             reports, self._reports = self._reports, []
-            granted = await self._shared.lease.remote(model, tokens, self._waiting[model], reports)
+            try:
+                granted = await self._shared.lease.remote(model, tokens, self._waiting[model], reports)
+            except RayActorError as exc:
+                raise _lost(exc) from exc
         finally:
             del self._leasing[model]
             event.set()
