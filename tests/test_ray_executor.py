@@ -13,11 +13,12 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
+from tests.helpers import TEST_KEY, make_job, read_output, run_cli, start_cli, wait_until, write_prompts
 from tests.test_cost import _committed_cost
 
 # Ray binds loopback only, as every test server here (its default on Linux is the machine's address);
@@ -216,3 +217,12 @@ def test_the_budget_is_reserved_through_the_shared_actor(tmp_path, make_emulator
     rows = read_output(tmp_path / "out/result.parquet")
     assert len(rows) == 1000 and all(r["status"] == "ok" for r in rows)
     assert emu.stats()["succeeded_more_than_once"] == 0 and answered < 1000
+
+
+def test_the_key_is_in_no_file_ray_wrote(ray_address):
+    """After the runs above, the API key the drivers handed to their actors appears in none of the files of the
+    Ray session (logs, spilled objects): it travels as an actor argument only."""
+    session = Path(ray._private.worker._global_node.get_session_dir_path())  # no public API names it
+    assert session.is_dir()
+    leaked = [path for path in session.rglob("*") if path.is_file() and TEST_KEY.encode() in path.read_bytes()]
+    assert leaked == []

@@ -110,9 +110,8 @@ class RayExecutor:
     batch_prices = False
     drains = True
 
-    def __init__(self, address: str | None = None, actors: int | None = None) -> None:
+    def __init__(self, address: str | None = None) -> None:
         self.address = address
-        self.actors = actors
 
     async def run(self, job: JobRun, stop: Stop) -> Finish:
         spec, prices = job.spec, job.prices
@@ -120,13 +119,13 @@ class RayExecutor:
             raise NoPrice(f"no price for model {spec.model.name!r} in {prices.region}, so [run] max_cost cannot "
                           "be guaranteed", hint="set [model] price_input and price_output (per 1M tokens)")
         job.announce_resume()
-        with ray_session(self.address, spec.run.ray_runtime_env) as joined:
-            return await self._run(job, stop, joined)
+        with ray_session(self.address, spec.run.ray_runtime_env):
+            return await self._run(job, stop)
 
-    async def _run(self, job: JobRun, stop: Stop, joined: bool) -> Finish:
+    async def _run(self, job: JobRun, stop: Stop) -> Finish:
         spec, sink, summary = job.spec, job.sink, job.summary
         concurrency = spec.run.concurrency
-        actors = self.actors or _default_actors(concurrency)
+        actors = _default_actors(concurrency)
         shares = [concurrency // actors + (i < concurrency % actors) for i in range(actors)]
         key = _key_for_actors(job)
         limiter_name = f"limiter-{spec.name}-{time.time_ns()}"
@@ -160,7 +159,7 @@ class RayExecutor:
             with anyio.move_on_after(10):  # the summary's counts; a lost actor must not hold the run
                 for handle in handles:
                     try:
-                        await handle.flush.remote()
+                        await handle.finish.remote()
                     except RayActorError:
                         pass
                 try:

@@ -39,11 +39,11 @@ class RayUnavailable(RunnerError):
 
 
 @contextmanager
-def ray_session(address: str | None, runtime_env: Mapping[str, Any] | None = None) -> Iterator[bool]:
-    """Ray for the run; yields whether it runs on a cluster joined by address. A Ray already initialised
-    in this process (an application embedding the runner, the tests) is used as it is and left running."""
+def ray_session(address: str | None, runtime_env: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Ray for the run. A Ray already initialised in this process (an application embedding the runner) is
+    used as it is and left running."""
     if ray.is_initialized():
-        yield False
+        yield
         return
     # Ray's usage statistics would be sent from a run on the user's behalf: off unless the user said otherwise.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -61,7 +61,7 @@ def ray_session(address: str | None, runtime_env: Mapping[str, Any] | None = Non
     finally:
         _restore(handlers)
     try:
-        yield address is not None
+        yield
     finally:
         ray.shutdown()
 

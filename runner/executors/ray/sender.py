@@ -140,11 +140,10 @@ class RowActor:
         """The shared gate closed (see LeasedRateLimiter.pause)."""
         self.limiter.pause(open_in, paused_seconds)
 
-    async def flush(self) -> None:
-        """Hand the buffered limiter reports to the shared limiter, so the summary counts every answer."""
+    async def finish(self) -> None:
+        """The run is over: hand the buffered limiter reports to the shared limiter (so the summary counts every
+        answer) and close the HTTP client."""
         await self.limiter.flush()
-
-    async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             await client.__aexit__(None, None, None)
