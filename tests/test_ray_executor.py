@@ -8,6 +8,7 @@ the limit (a timing) is measured by tests/bench/bench_ray.py, which prints it ag
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -103,6 +104,29 @@ def test_two_actors_share_one_rpm_limit(tmp_path, make_emulator, ray_address):
     assert found, result.stderr
     actors, slots, leases = (int(g.replace(",", "")) for g in found.groups())
     assert actors == 2 and slots >= stats["requests"] and leases < slots / 2  # leased in chunks
+
+
+def test_a_retry_after_seen_by_one_actor_pauses_every_actor(tmp_path, make_emulator, ray_address):
+    """A 429 with Retry-After: 2 answered to one actor closes the shared gate for both actors: no request from
+    either reaches the server from just after that answer until 2 s after it; the summary counts the 429 and
+    the pause."""
+    emu = make_emulator(fail_first=1, retry_after=2, latency_ms=200, request_log=True)
+    write_prompts(tmp_path / "prompts.jsonl", 40)
+    job = _job(tmp_path, emu, run={"concurrency": 16, "executor": "ray", "adaptive_rate": True,
+                                   "cooldown_seconds": 0.25})
+    result = run_cli("run", str(job), "--ray-address", ray_address)
+    assert result.code == 0, result.stderr
+    assert "ray: 2 row actors" in result.stderr
+    log = emu.stats(keys=False, log=True)["log"]
+    throttled = [e for e in log if e["status"] == 429]
+    assert len(throttled) == 1 and len(log) == 41
+    closed = throttled[0]["answered"]
+    # Requests sent before the actors heard of the 429 (reports go every 0.1 s) may land just after it was
+    # answered; half a second is far more than that takes, and far less than the 1.5 s it would fill otherwise.
+    early = [e for e in log if closed + 0.5 < e["arrived"] < closed + 2.0]
+    assert early == []
+    summary = json.loads((tmp_path / "out/result.summary.json").read_text())
+    assert sum(summary["throttled"].values()) == 1 and summary["paused_seconds"] >= 1.9
 
 
 def test_kill_9_of_the_driver_then_a_rerun_sends_only_what_is_missing(tmp_path, make_emulator, ray_address):
