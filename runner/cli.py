@@ -69,7 +69,7 @@ def _job_overrides(func: Callable) -> Callable:
                           "[run] executor."),
         click.option("--mode", type=click.Choice(["online", "batch"]), help="The older name of --executor."),
         click.option("--ray-address", metavar="ADDRESS",
-                     help="--executor ray: the cluster to join (auto, or e.g. ray://head:10001); default: a local "
+                     help="--executor ray: the cluster to join (auto, or the head's HOST:6379); default: a local "
                           "Ray started for the run (overrides [run] ray_address)."),
         click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed."),
         click.option("--max-cost", type=float,

@@ -190,7 +190,7 @@ def _check_override(name: str, value: Any) -> None:
     if name == "mode" and value not in EXECUTORS:
         raise SpecError(f"{where}: expected one of {', '.join(EXECUTORS)}, got {value!r}")
     if name == "ray_address" and not value.strip():
-        raise SpecError(f"{where}: expected \"auto\" or a Ray address such as ray://head:10001, got an empty string")
+        raise SpecError(f"{where}: expected \"auto\" or a Ray address such as head:6379, got an empty string")
     if name == "api_key_env" and key_env_problem(value):
         raise SpecError(f"{where}: {key_env_problem(value)}")  # never echo it: it may be the key itself
     if name == "dialect" and value not in DIALECTS:
@@ -557,7 +557,7 @@ def _batch_settings(run: RunSpec, get, fail) -> RunSpec:
     mode = executor or mode or "online"
     ray_address = get("run", "ray_address", None)
     if ray_address is not None and not ray_address.strip():
-        _raise(fail("run", "ray_address", 'expected "auto" or a Ray address such as ray://head:10001, got an empty string'))
+        _raise(fail("run", "ray_address", 'expected "auto" or a Ray address such as head:6379, got an empty string'))
     window = get("run", "completion_window", "24h")
     try:
         window_seconds = parse_duration(window, units="hd")

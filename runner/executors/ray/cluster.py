@@ -1,8 +1,8 @@
 """Ray for one run: a local Ray started for it (and stopped after), or a cluster joined.
 
 Ray's own ways stay Ray's: an address is what `ray.init(address=...)` takes ("auto" for the cluster
-this machine belongs to, "ray://head:10001" for Ray Client), and a runtime env given to `ray job
-submit` applies as usual. What this module adds: a local Ray started for the run listens on
+this machine belongs to, "HOST:6379" for a head's GCS), and a runtime env given to `ray job submit`
+applies as usual. What this module adds: a local Ray started for the run listens on
 loopback only (Ray's default on Linux is the machine's address, for a cluster this one is not), the
 runner's own code is shipped to the actors when joining a cluster (so they run the driver's version
 of it), Ray's start-up messages are kept off the progress display, and the run's signal handlers
@@ -56,7 +56,7 @@ def ray_session(address: str | None, runtime_env: Mapping[str, Any] | None = Non
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise RayUnavailable(f"cannot start {where}: {exc}".splitlines()[0],
                              hint="check --ray-address ([run] ray_address): auto joins the cluster this machine is "
-                                  "part of, ray://HOST:10001 one elsewhere; without it a local Ray is started"
+                                  "part of, HOST:6379 the one whose head that is; without it a local Ray is started"
                              ) from exc
     finally:
         _restore(handlers)
