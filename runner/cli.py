@@ -62,9 +62,14 @@ def _job_overrides(func: Callable) -> Callable:
         click.option("--max-error-rate", type=float,
                      help="Exit 3 when more than this fraction of a model's rows failed (each model on its own; default [run] "
                           "max_error_rate, 0)."),
-        click.option("--mode", type=click.Choice(["online", "batch"]),
-                     help="Send rows one request each (online) or through the Batch API at batch prices "
-                          "(overrides [run] mode)."),
+        click.option("--executor", type=click.Choice(["online", "batch", "ray"]),
+                     help="How rows are sent: one request each (online), through the Batch API at batch prices "
+                          "(batch), or by actors on a Ray cluster (ray; needs the runner[ray] extra). Overrides "
+                          "[run] executor."),
+        click.option("--mode", type=click.Choice(["online", "batch"]), help="The older name of --executor."),
+        click.option("--ray-address", metavar="ADDRESS",
+                     help="--executor ray: the cluster to join (auto, or the head's HOST:6379); default: a local "
+                          "Ray started for the run (overrides [run] ray_address)."),
         click.option("--max-attempts", type=int, help="Attempts per row before it is recorded as failed."),
         click.option("--max-cost", type=float,
                      help="Hard budget in the price table's currency (overrides [run] max_cost)."),

@@ -1,7 +1,8 @@
 """run_job(): one job, whatever sends its rows.
 
     check the endpoint -> guard pending batches -> source -> key -> sink -> prices, summary
-        -> executor (online: the worker pool; batch: the Batch API) under the signal watcher
+        -> executor (online: the worker pool; batch: the Batch API; ray: actors on a Ray cluster) under the
+           signal watcher
         -> finalize the output -> the summary file
 
 What every mode shares lives here; how rows are sent lives in `runner.executors`, behind the small
@@ -26,6 +27,7 @@ from .executors import (Executor, Finish, JobRun, NoticeCallback, ResultCallback
                         first_runner_error)
 from .executors.batch import BatchExecutor
 from .executors.online import OnlineExecutor
+from .errors import SpecError
 from .fanout import fans_out, provider_n_rule
 from .files import write_file_atomic
 from .records import result_schema
@@ -78,7 +80,17 @@ def open_sink(spec: JobSpec, source: RequestSource, *, overwrite: bool, restart:
 
 
 def executor_for(spec: JobSpec) -> Executor:
-    """The executor of the job's [run] mode."""
+    """The executor of the job's [run] executor (or mode). Ray's is imported only when chosen: a run
+    without it never pays for importing Ray, and works without the extra installed."""
+    if spec.run.mode == "ray":
+        try:
+            from .executors.ray import RayExecutor
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] != "ray":
+                raise  # a bug of ours, not a missing extra
+            raise SpecError("[run] executor = \"ray\" needs Ray, which is not installed",
+                            hint="pip install 'dashscope-batch-runner[ray]' (Ray 2.40 or newer)") from exc
+        return RayExecutor(address=spec.run.ray_address)
     return BatchExecutor() if spec.run.mode == "batch" else OnlineExecutor()
 
 

@@ -218,31 +218,40 @@ class LocalRateLimiter:
             self._adaptive[model] = AdaptiveRate(clock, adjust=self.adaptive and not rps)
         return self._requests[model], self._tokens[model], self._adaptive[model]
 
-    async def acquire(self, model: str, tokens: int) -> Sent:
+    async def acquire(self, model: str, tokens: int, *, lookahead: float = 0.0) -> Sent:
         """Wait until a request of `tokens` estimated tokens may be sent; returns what its report takes.
 
         The gate is checked on every wake-up, so a request that was waiting in the pacer when the gate
-        closed waits for it too; a caller may cancel the wait (a run that is stopping)."""
+        closed waits for it too; a caller may cancel the wait (a run that is stopping), which gives its
+        reservation back. With `lookahead`, it returns up to that many seconds before the request's turn,
+        and `Sent.at` is the turn (the Ray executor's limiter actor hands slots out ahead of their time)."""
         requests, token_bucket, adaptive = self._buckets(model)
-        while (closed := self.gate.wait_seconds()) > 0:
-            await self._sleep(closed)
+        while (closed := self.gate.wait_seconds()) > lookahead:
+            await self._sleep(closed - lookahead)
         await adaptive.wait_for_room()
         now = self._clock()
         deadline, shift = now, self._shift
-        if requests is not None:
-            deadline = max(deadline, now + requests.reserve(1))
-        if token_bucket is not None:
-            deadline = max(deadline, now + token_bucket.reserve(tokens))
-        ticket = None
-        while True:
-            if ticket is None and adaptive.rate is not None:
-                ticket = adaptive.take_ticket()
-            wait = max(deadline + (self._shift - shift) - self._clock(), self.gate.wait_seconds())
-            paced = adaptive.wait_for(ticket) if ticket is not None else 0.0
-            if wait <= 1e-9 and paced <= 0:
-                break
-            await self._sleep(max(wait, min(paced, adaptive.recheck)))
-        sent = Sent(self._clock(), adaptive.sent())
+        try:
+            if requests is not None:
+                deadline = max(deadline, now + requests.reserve(1))
+            if token_bucket is not None:
+                deadline = max(deadline, now + token_bucket.reserve(tokens))
+            ticket = None
+            while True:
+                if ticket is None and adaptive.rate is not None:
+                    ticket = adaptive.take_ticket()
+                wait = max(deadline + (self._shift - shift) - self._clock(), self.gate.wait_seconds())
+                paced = adaptive.wait_for(ticket) if ticket is not None else 0.0
+                if wait <= lookahead + 1e-9 and paced <= lookahead:
+                    break
+                await self._sleep(max(wait - lookahead, min(paced - lookahead, adaptive.recheck)))
+        except BaseException:  # cancelled before its turn: the slot goes to the next request
+            if requests is not None:
+                requests.refund(1)
+            if token_bucket is not None:
+                token_bucket.refund(tokens)
+            raise
+        sent = Sent(self._clock() + max(wait, paced, 0.0), adaptive.sent())
         self._unanswered[(model, sent.seq)] = sent.at
         return sent
 

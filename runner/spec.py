@@ -25,6 +25,9 @@ from .structured import load_schema, property_fields
 
 DIALECTS = ("openai", "dashscope")
 MODES = ("online", "batch")
+# How a job's rows are sent: [run] executor (or its older name, [run] mode, which stays). "ray" needs the
+# runner[ray] extra; it is imported only when a job chooses it.
+EXECUTORS = (*MODES, "ray")
 # Batch API limits (API facts 7.2, 7.3): the defaults, and the ceilings a job may not raise them above.
 BATCH_MAX_LINES = 50_000
 BATCH_MAX_BYTES = 500 * 1024 * 1024
@@ -155,7 +158,10 @@ class RunSpec:
     cooldown_seconds: float = 0.25
     retry_budget: float = 1.0
     max_cost: float | None = None
-    mode: str = "online"
+    mode: str = "online"  # the executor: "online", "batch" or "ray" ([run] executor or [run] mode)
+    ray_address: str | None = None  # executor "ray": None starts a local Ray for the run; "auto" or an address joins one
+    # executor "ray", joining by address: Ray's runtime env for the run (None: ship this runner's own package)
+    ray_runtime_env: Mapping[str, Any] | None = None
     completion_window: str = "24h"
     batch_fallback_after: float | None = None  # seconds after the first batch is created; None: never
     batch_poll_seconds: float = 60.0  # the longest wait between two status checks
@@ -195,11 +201,16 @@ class JobSpec:
         spec = self
         sections = {"concurrency": "run", "limit": "run", "max_error_rate": "run", "max_attempts": "run",
                     "rpm": "run", "tpm": "run", "max_cost": "run", "mode": "run",
-                    "batch_poll_seconds": "run",
+                    "batch_poll_seconds": "run", "ray_address": "run",
                     "base_url": "endpoint", "dialect": "endpoint", "api_key_env": "endpoint"}
+        if given.get("mode") is not None and given.get("executor") is not None and given["mode"] != given["executor"]:
+            raise SpecError(f"--executor {given['executor']} contradicts --mode {given['mode']} (--mode is the older "
+                            "name of --executor: give one of them)")
         for name, value in given.items():
             if value is None:
                 continue
+            if name == "executor":  # the newer name of `mode`
+                name = "mode"
             if name == "model":
                 _check_override(name, value)
                 # --model runs one model: it replaces [model] names too.
@@ -223,8 +234,10 @@ def _check_override(name: str, value: Any) -> None:
         problem = BOUNDS[("run", name)].problem(value, integer=_SECTIONS["run"][name] == _INT)
         if problem:
             raise SpecError(f"{where}: {problem}, got {value}")
-    if name == "mode" and value not in MODES:
-        raise SpecError(f"{where}: expected one of {', '.join(MODES)}, got {value!r}")
+    if name == "mode" and value not in EXECUTORS:
+        raise SpecError(f"{where}: expected one of {', '.join(EXECUTORS)}, got {value!r}")
+    if name == "ray_address" and not value.strip():
+        raise SpecError(f"{where}: expected \"auto\" or a Ray address such as head:6379, got an empty string")
     if name == "api_key_env" and key_env_problem(value):
         raise SpecError(f"{where}: {key_env_problem(value)}")  # never echo it: it may be the key itself
     if name == "dialect" and value not in DIALECTS:
@@ -292,7 +305,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
             "adaptive_rate": _BOOL, "expected_output_tokens": _INT, "cooldown_seconds": _NUM,
             "retry_budget": _NUM, "max_cost": _NUM, "mode": _STR, "completion_window": _STR,
             "batch_fallback_after": _STR, "batch_poll_seconds": _NUM, "batch_max_lines": _INT,
-            "batch_max_bytes": _INT, "batch_description": _STR, "reask_attempts": _INT},
+            "batch_max_bytes": _INT, "batch_description": _STR, "reask_attempts": _INT, "executor": _STR,
+            "ray_address": _STR, "ray_runtime_env": "a table"},
     "output": {"path": _STR, "json_schema": _PATH_OR_TABLE, "parsed_columns": _BOOL},
 }
 
@@ -723,9 +737,18 @@ def _variants(items: list, *, inp_uses_messages: bool, fail) -> tuple[VariantSpe
 
 def _batch_settings(run: RunSpec, get, fail) -> RunSpec:
     """The [run] keys of batch mode, checked against the Batch API's own limits (API facts 7.2, 7.3)."""
-    mode = get("run", "mode", "online")
-    if mode not in MODES:
-        _raise(fail("run", "mode", f"expected one of {', '.join(MODES)}, got {mode!r}"))
+    mode = get("run", "mode", None)
+    executor = get("run", "executor", None)
+    for key, value in (("mode", mode), ("executor", executor)):
+        if value is not None and value not in EXECUTORS:
+            _raise(fail("run", key, f"expected one of {', '.join(EXECUTORS)}, got {value!r}"))
+    if mode is not None and executor is not None and mode != executor:
+        _raise(fail("run", "executor", f"{executor!r} contradicts [run] mode = {mode!r} (mode is executor's older "
+                                       "name: keep one of them)"))
+    mode = executor or mode or "online"
+    ray_address = get("run", "ray_address", None)
+    if ray_address is not None and not ray_address.strip():
+        _raise(fail("run", "ray_address", 'expected "auto" or a Ray address such as head:6379, got an empty string'))
     window = get("run", "completion_window", "24h")
     try:
         window_seconds = parse_duration(window, units="hd")
@@ -744,7 +767,10 @@ def _batch_settings(run: RunSpec, get, fail) -> RunSpec:
     description = get("run", "batch_description")
     if description is not None and len(description) > BATCH_MAX_DESCRIPTION:
         _raise(fail("run", "batch_description", f"at most {BATCH_MAX_DESCRIPTION} characters, got {len(description)}"))
-    return dataclasses.replace(run, mode=mode, completion_window=window, batch_fallback_after=fallback,
+    runtime_env = get("run", "ray_runtime_env", None)
+    return dataclasses.replace(run, mode=mode, ray_address=ray_address,
+                               ray_runtime_env=MappingProxyType(runtime_env) if runtime_env is not None else None,
+                               completion_window=window, batch_fallback_after=fallback,
                                batch_poll_seconds=float(get("run", "batch_poll_seconds", 60.0)),
                                batch_max_lines=lines, batch_max_bytes=size, batch_description=description)
 

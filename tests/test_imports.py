@@ -12,6 +12,8 @@ the usual "a package re-exports its submodules" stays legal.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,22 +129,51 @@ def test_records_and_errors_are_leaves(graph):
     assert graph["runner.records"] == set()
 
 
+def _executor_of(module: str) -> str | None:
+    """The executor a module belongs to: runner.executors.ray.limiter -> runner.executors.ray."""
+    parts = module.split(".")
+    return ".".join(parts[:3]) if len(parts) >= 3 and parts[:2] == ["runner", "executors"] else None
+
+
 def test_executors_are_peers_below_the_job(graph):
-    """No executor (nor the protocol module) imports the job, the engine shim, the CLI or another executor."""
+    """No executor (nor the protocol module) imports the job, the engine shim, the CLI or another executor; an
+    executor that is a package (ray) may import its own modules."""
     executors = {name for name in graph if name.startswith("runner.executors.")}
-    assert {"runner.executors.online", "runner.executors.batch"} <= executors
+    assert {"runner.executors.online", "runner.executors.batch", "runner.executors.ray",
+            "runner.executors.ray.limiter", "runner.executors.ray.sender"} <= executors
     above = {"runner.job", "runner.engine", "runner.cli"}
     for name in executors | {"runner.executors"}:
         bad = {target for target in graph[name]
-               if target in above or (target.startswith("runner.executors.") and target != name)}
+               if target in above or (_executor_of(target) is not None and _executor_of(target) != _executor_of(name))}
         assert not bad, f"{name} imports {sorted(bad)}"
 
 
 def test_the_job_runs_every_executor_and_the_cli_goes_through_the_job(graph):
-    """runner.job imports both executors; the CLI imports the job, never an executor."""
-    assert {"runner.executors.online", "runner.executors.batch"} <= graph["runner.job"]
+    """runner.job imports every executor; the CLI imports the job, never an executor."""
+    assert {"runner.executors.online", "runner.executors.batch", "runner.executors.ray"} <= graph["runner.job"]
     assert "runner.job" in graph["runner.cli"]
     assert not {t for t in graph["runner.cli"] if t.startswith("runner.executors")}
+
+
+def test_ray_is_imported_only_by_the_ray_executor():
+    """`import ray` appears only under runner/executors/ray/, and neither `import runner`, `runner --help` nor
+    loading the job module (what every local run imports) imports Ray."""
+    for path in RUNNER.rglob("*.py"):
+        names = {alias.name.split(".")[0] for node in _imports(ast.parse(path.read_text(), str(path)))
+                 for alias in (node.names if isinstance(node, ast.Import) else [])}
+        names |= {node.module.split(".")[0] for node in _imports(ast.parse(path.read_text(), str(path)))
+                  if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        if "ray" in names:
+            assert path.relative_to(RUNNER).parts[:2] == ("executors", "ray"), path
+    probe = ("import sys, runner, runner.job, runner.spec\n"
+             "from click.testing import CliRunner\n"
+             "from runner.cli import main\n"
+             "assert CliRunner().invoke(main, ['--help']).exit_code == 0\n"
+             "assert CliRunner().invoke(main, ['run', '--help']).exit_code == 0\n"
+             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_walk_sees_lazy_and_relative_imports_and_skips_type_checking(tmp_path):

@@ -4,6 +4,7 @@ the retry budget, token estimates. No real time passes."""
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from runner.ratelimit import (CooldownGate, Limits, LocalRateLimiter, RetryBudget,
@@ -191,3 +192,48 @@ def test_retry_after_on_a_503_closes_the_gate():
     start = clock.now
     anyio.run(limiter.acquire, "m", 1)
     assert clock.now - start == pytest.approx(3.0) and limiter.gate.paused_seconds == pytest.approx(3.0)
+
+
+def test_acquire_with_lookahead_returns_early_with_the_turn_it_paced():
+    """acquire(lookahead=L) returns up to L s before a request's turn, and Sent.at is that turn: the slots are
+    paced exactly as without lookahead (how the Ray executor's limiter hands slots out ahead)."""
+    clock = FakeClock()
+    limiter = LocalRateLimiter(limits_table(Limits(rpm=600), {}), adaptive=False, clock=clock, sleep=clock.sleep)
+    start = clock.now
+
+    async def lease(count: int) -> list[tuple[float, float]]:
+        slots = []
+        for _ in range(count):
+            sent = await limiter.acquire("qwen-plus", 10, lookahead=0.4)
+            slots.append((round(sent.at - start, 4), round(clock.now - start, 4)))
+        return slots
+
+    slots = anyio.run(lease, 8)
+    turns = [at for at, _ in slots]
+    step = 1 / (10 * 0.97)  # 600 RPM at 97%
+    assert turns == pytest.approx([0.0] + [i * step for i in range(1, 8)], abs=1e-3)
+    assert all(turn - 0.4 - 1e-6 <= returned <= turn for turn, returned in slots)
+    assert slots[4][1] < slots[4][0]  # handed out before its turn
+
+
+def test_a_cancelled_acquire_gives_its_slot_to_the_next_request():
+    """An acquire cancelled while it waits for its turn gives the reservation back: the next request gets that
+    turn instead of the one after it."""
+    clock = FakeClock()
+
+    async def sleep(seconds: float) -> None:
+        await anyio.lowlevel.checkpoint()  # where a cancellation is delivered, as in a real sleep
+        await clock.sleep(seconds)
+
+    limiter = LocalRateLimiter(limits_table(Limits(rpm=600), {}), adaptive=False, clock=clock, sleep=sleep)
+
+    async def run() -> float:
+        await limiter.acquire("qwen-plus", 10)  # the bucket's one request of burst
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await limiter.acquire("qwen-plus", 10)  # would wait ~0.1 s: cancelled at its first sleep
+        start = clock.now
+        await limiter.acquire("qwen-plus", 10)
+        return clock.now - start
+
+    assert anyio.run(run) == pytest.approx(1 / (10 * 0.97), rel=0.01)
