@@ -54,7 +54,7 @@ def provider_n_rule(spec: JobSpec) -> Callable[[str, Mapping[str, Any]], bool]:
 def uses_provider_n(spec: JobSpec, model: str) -> bool:
     """The job-level half of the `n` decision. Structured output (a json_schema the answers are validated
     against, each sample re-asked on its own) must return False here, so each sample is its own request."""
-    return (spec.endpoint.dialect == "openai" and spec.run.mode == "online" and spec.output.json_schema is None
+    return (spec.endpoint.dialect == "openai" and spec.run.mode != "batch" and spec.output.json_schema is None
             and any(fnmatchcase(model.lower(), pattern) for pattern in N_MODELS))
 
 

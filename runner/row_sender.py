@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable, Iterator
 
 from .clients import ChatClient
 from .cost import CostBudget, PriceBook
 from .errors import CallError, RunnerError, Throttled, TransientCallError
 from .executors import Stop, Stopping
+from .fanout import pending
 from .limits import Outcome, RetryPolicy, call_with_retries
 from .ratelimit import LocalRateLimiter, RetryBudget, Sent
 from .records import STATUS_ERROR, STATUS_OK, Completion, Request, Result, Usage, unsent_result
@@ -91,6 +92,34 @@ def sample_results(request: Request, outcome, started_at: datetime, cost: float 
 
 def invalid_row_result(request: Request) -> Result:
     return unsent_result(request, "invalid_row", request.problem)
+
+
+@dataclass
+class SourceCounts:
+    rows_seen: int = 0
+    changed: int = 0  # rows done by an earlier run whose request is different now: sent again
+
+
+def still_to_send(requests: Iterable[Request], done, counts: SourceCounts) -> Iterator[Request | Result | None]:
+    """What a run must still do with the source's requests, given the rows an earlier run committed (`done`,
+    the sink's DoneRows): a Request to send (a request for several samples, less those already answered), a
+    Result to write as it is (an invalid row), or None now and then while skipping done rows, for the caller
+    to yield to its event loop (a long done prefix must not starve it)."""
+    for request in requests:
+        if request.members:  # one request for several sample rows (fan-out with `n`): send the missing ones
+            counts.rows_seen += len(request.members)
+            request, changed = pending(request, done)
+            counts.changed += changed
+            yield request
+            continue
+        counts.rows_seen += 1
+        if request.row_id in done:
+            if done.matches(request.row_id, request.digest()):
+                if counts.rows_seen % 1024 == 0:
+                    yield None
+                continue
+            counts.changed += 1
+        yield invalid_row_result(request) if request.problem is not None else request
 
 
 @dataclass

@@ -86,6 +86,34 @@ def test_faulty_job_gives_the_online_table(tmp_path, make_emulator, ray_address)
     assert tables["ray"] == tables["online"]
 
 
+
+def test_fanout_and_structured_output_give_the_online_table(tmp_path, make_emulator, ray_address):
+    """Fan-out (two variants x two samples, which qwen-plus answers in one request with `n`) and, in a second
+    job, a json_schema with invalid answers re-asked: executor ray writes the same table as online for both."""
+    write_prompts(tmp_path / "prompts.jsonl", 40)
+    (tmp_path / "label.json").write_text(json.dumps({
+        "type": "object", "properties": {"label": {"type": "string", "enum": ["a", "b"]}}, "required": ["label"]}))
+    prompts = {"path": "prompts.jsonl", "id_column": "id", "prompt_column": "prompt"}
+    variants = [{"name": "plain"}, {"name": "terse", "system_prompt": "Answer in one word."}]
+    jobs = {"fanout": ({"samples": 2}, {**prompts, "variants": variants}, {}),
+            "schema": ({}, prompts, {"json_schema": "label.json"})}
+    for name, (model, inp, output) in jobs.items():
+        tables = {}
+        for executor in ("online", "ray"):
+            emu = make_emulator(faults={"bad_json": 0.3, "500": 0.05}, seed=5)
+            job = _job(tmp_path, emu, name=f"{name}-{executor}", model=model, input=inp,
+                       output={"path": f"out/{name}-{executor}.parquet", **output},
+                       run={"concurrency": 16, "executor": executor, "max_error_rate": 1.0})
+            result = run_cli("run", str(job), "--ray-address", ray_address)
+            assert result.code == 0, result.stderr
+            assert emu.stats()["succeeded_more_than_once"] == 0
+            tables[executor] = _comparable(tmp_path / f"out/{name}-{executor}.parquet")
+        assert len(tables["ray"]) == (160 if name == "fanout" else 40)
+        assert tables["ray"] == tables["online"], name
+        if name == "schema":
+            assert any(r["error_type"] == "InvalidOutput" for r in tables["ray"])
+            assert any(r["status"] == "ok" and r["attempts"] > 1 for r in tables["ray"])
+
 def test_two_actors_share_one_rpm_limit(tmp_path, make_emulator, ray_address):
     """The emulator enforces RPM 3,000 (50/s); two row actors, each able to send far faster, share the one
     limit through the limiter actor: fewer than 1% of requests are answered 429, every row once, and

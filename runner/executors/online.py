@@ -10,7 +10,6 @@ whole run, keeps every committed row, and is raised once the requests in flight 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import anyio
 import anyio.lowlevel
@@ -20,22 +19,15 @@ from ..clients import ChatClient
 from ..clients.stream_rules import StreamPolicy
 from ..cost import CostBudget, NoPrice
 from ..endpoint_check import EndpointGuard
-from ..fanout import pending
 from ..errors import Interrupted, RunnerError
 from ..limits import RetryPolicy
 from ..ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
 from ..records import Request, Result
-from ..row_sender import RowSender, invalid_row_result
+from ..row_sender import RowSender, SourceCounts, still_to_send
 from ..sink import DoneRows
 from ..sources import RequestSource
 from .. import structured
 from . import Finish, JobRun, Stop, Stopping, first_runner_error
-
-
-@dataclass
-class _Counts:
-    rows_seen: int = 0
-    changed: int = 0  # rows done by an earlier run whose request is different now: sent again
 
 
 class OnlineExecutor:
@@ -58,7 +50,7 @@ class OnlineExecutor:
         job.announce_resume()
         policy = RetryPolicy.from_spec(spec)
         concurrency = spec.run.concurrency
-        counts = _Counts()
+        counts = SourceCounts()
         limiter = LocalRateLimiter(
             limits_table(Limits(spec.run.rpm, spec.run.tpm), {m: Limits(*v) for m, v in spec.run.limits.items()}),
             adaptive=spec.run.adaptive_rate, cooldown_seconds=spec.run.cooldown_seconds,
@@ -98,31 +90,17 @@ class OnlineExecutor:
         return Finish(rows_seen=counts.rows_seen)
 
 
-async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop: Stop,
+async def _produce(source: RequestSource, done: DoneRows, counts: SourceCounts, stop: Stop,
                    requests: ObjectSendStream[Request], results: ObjectSendStream[Result]) -> None:
     async with requests, results:
         with stop.produce_scope:
-            for request in source:
-                if request.members:  # one request for several sample rows (fan-out with `n`): send the missing
-                    counts.rows_seen += len(request.members)
-                    request, changed = pending(request, done)
-                    counts.changed += changed
-                    if request is None:
-                        await anyio.lowlevel.checkpoint()
-                        continue
-                    await requests.send(request)
-                    continue
-                counts.rows_seen += 1
-                if request.row_id in done:
-                    if done.matches(request.row_id, request.digest()):
-                        if counts.rows_seen % 1024 == 0:
-                            await anyio.lowlevel.checkpoint()  # a long done prefix must not starve the loop
-                        continue
-                    counts.changed += 1
-                if request.problem is not None:
-                    await results.send(invalid_row_result(request))
+            for item in still_to_send(source, done, counts):
+                if item is None:
+                    await anyio.lowlevel.checkpoint()
+                elif isinstance(item, Result):
+                    await results.send(item)
                 else:
-                    await requests.send(request)
+                    await requests.send(item)
 
 
 async def _work(sender: RowSender, requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:

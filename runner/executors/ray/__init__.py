@@ -51,7 +51,7 @@ from ray.exceptions import RayActorError  # noqa: E402
 from ...cost import NoPrice  # noqa: E402
 from ...errors import Interrupted, RunnerError  # noqa: E402
 from ...records import Request, Result  # noqa: E402
-from ...row_sender import invalid_row_result  # noqa: E402
+from ...row_sender import SourceCounts, still_to_send  # noqa: E402
 from ...sink import DoneRows  # noqa: E402
 from ...sources import RequestSource  # noqa: E402
 from .. import Finish, JobRun, Stop, first_runner_error  # noqa: E402
@@ -70,9 +70,7 @@ class ActorsLost(RunnerError):
 
 
 @dataclass
-class _Counts:
-    rows_seen: int = 0
-    changed: int = 0
+class _Counts(SourceCounts):
     resent_after_loss: int = 0
     duplicates: int = 0
     sent: dict[int, float] = field(default_factory=dict)  # row_id -> when handed to an actor (oldest first)
@@ -115,9 +113,11 @@ class RayExecutor:
 
     async def run(self, job: JobRun, stop: Stop) -> Finish:
         spec, prices = job.spec, job.prices
-        if spec.run.max_cost is not None and prices.price(spec.model.name) is None:
-            raise NoPrice(f"no price for model {spec.model.name!r} in {prices.region}, so [run] max_cost cannot "
-                          "be guaranteed", hint="set [model] price_input and price_output (per 1M tokens)")
+        if spec.run.max_cost is not None:
+            for model in spec.model.all_names:
+                if prices.price(model) is None:
+                    raise NoPrice(f"no price for model {model!r} in {prices.region}, so [run] max_cost cannot "
+                                  "be guaranteed", hint="set [model] price_input and price_output (per 1M tokens)")
         job.announce_resume()
         with ray_session(self.address, spec.run.ray_runtime_env):
             return await self._run(job, stop)
@@ -206,18 +206,13 @@ async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop:
     """The rows still to send, in file order; invalid rows go straight to the writer (as online)."""
     async with requests, results:
         with stop.produce_scope:
-            for request in source:
-                counts.rows_seen += 1
-                if request.row_id in done:
-                    if done.matches(request.row_id, request.digest()):
-                        if counts.rows_seen % 1024 == 0:
-                            await anyio.lowlevel.checkpoint()
-                        continue
-                    counts.changed += 1
-                if request.problem is not None:
-                    await results.send(invalid_row_result(request))
+            for item in still_to_send(source, done, counts):
+                if item is None:
+                    await anyio.lowlevel.checkpoint()
+                elif isinstance(item, Result):
+                    await results.send(item)
                 else:
-                    await requests.send(request)
+                    await requests.send(item)
 
 
 async def _dispatch_all(handles: list[Any], shares: list[int], stop: Stop, counts: _Counts, notice,

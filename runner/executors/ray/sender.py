@@ -27,6 +27,7 @@ from ...errors import RunnerError
 from ...limits import RetryPolicy
 from ...ratelimit import RetryBudget
 from ...records import Request, Result
+from ... import structured
 from ...row_sender import RowSender
 from ...spec import JobSpec
 from .. import Stop, Stopping
@@ -173,7 +174,7 @@ class RowActor:
         retry_budget = RetryBudget(spec.run.retry_budget, time.monotonic,
                                    min_retries=max(100, 4 * self._concurrency))
         return RowSender(guarded, RetryPolicy.from_spec(spec), anyio.sleep, self._stop, self.limiter, retry_budget,
-                         spec.run.expected_output_tokens, prices, spend)
+                         spec.run.expected_output_tokens, prices, spend, structured.for_job(spec))
 
     async def _one(self, sender: RowSender, request: Request, finished: asyncio.Queue) -> None:
         results: list[Result] = []
