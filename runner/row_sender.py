@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Awaitable, Callable, Iterable, Iterator
 
+import anyio.lowlevel
+from anyio.abc import ObjectSendStream
+
 from .clients import ChatClient
 from .cost import CostBudget, PriceBook
 from .errors import CallError, RunnerError, Throttled, TransientCallError
@@ -120,6 +123,21 @@ def still_to_send(requests: Iterable[Request], done, counts: SourceCounts) -> It
                 continue
             counts.changed += 1
         yield invalid_row_result(request) if request.problem is not None else request
+
+
+async def feed(source: Iterable[Request], done, counts: SourceCounts, stop: Stop,
+               requests: ObjectSendStream[Request], results: ObjectSendStream[Result]) -> None:
+    """An executor's producer: the requests still to send into `requests`, invalid rows straight into
+    `results` (for the writer), in file order, until the source ends or the run stops producing."""
+    async with requests, results:
+        with stop.produce_scope:
+            for item in still_to_send(source, done, counts):
+                if item is None:
+                    await anyio.lowlevel.checkpoint()
+                elif isinstance(item, Result):
+                    await results.send(item)
+                else:
+                    await requests.send(item)
 
 
 @dataclass

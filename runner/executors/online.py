@@ -23,9 +23,7 @@ from ..errors import Interrupted, RunnerError
 from ..limits import RetryPolicy
 from ..ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
 from ..records import Request, Result
-from ..row_sender import RowSender, SourceCounts, still_to_send
-from ..sink import DoneRows
-from ..sources import RequestSource
+from ..row_sender import RowSender, SourceCounts, feed
 from .. import structured
 from . import Finish, JobRun, Stop, Stopping, first_runner_error
 
@@ -68,7 +66,7 @@ class OnlineExecutor:
             res_send, res_recv = anyio.create_memory_object_stream[Result](0)
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_produce, job.source, sink.done, counts, stop, req_send, res_send.clone())
+                    tg.start_soon(feed, job.source, sink.done, counts, stop, req_send, res_send.clone())
                     # A 404 before anything worked stops the run, not every row; keys quoted back are removed.
                     guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_model=spec.model.name,
                                             api_key=job.api_key)
@@ -88,19 +86,6 @@ class OnlineExecutor:
             raise Interrupted(f"stopped by {stop.signal_name}: {len(sink.done) + summary.rows:,} rows are committed "
                               f"in {sink.parts_dir}", hint="run the same command again to finish the job")
         return Finish(rows_seen=counts.rows_seen)
-
-
-async def _produce(source: RequestSource, done: DoneRows, counts: SourceCounts, stop: Stop,
-                   requests: ObjectSendStream[Request], results: ObjectSendStream[Result]) -> None:
-    async with requests, results:
-        with stop.produce_scope:
-            for item in still_to_send(source, done, counts):
-                if item is None:
-                    await anyio.lowlevel.checkpoint()
-                elif isinstance(item, Result):
-                    await results.send(item)
-                else:
-                    await requests.send(item)
 
 
 async def _work(sender: RowSender, requests: ObjectReceiveStream[Request], results: ObjectSendStream[Result]) -> None:

@@ -51,9 +51,7 @@ from ray.exceptions import RayActorError  # noqa: E402
 from ...cost import NoPrice  # noqa: E402
 from ...errors import Interrupted, RunnerError  # noqa: E402
 from ...records import Request, Result  # noqa: E402
-from ...row_sender import SourceCounts, still_to_send  # noqa: E402
-from ...sink import DoneRows  # noqa: E402
-from ...sources import RequestSource  # noqa: E402
+from ...row_sender import SourceCounts, feed  # noqa: E402
 from .. import Finish, JobRun, Stop, first_runner_error  # noqa: E402
 from .limiter import SharedLimiter
 from .sender import RowActor, SealedKey, rebuild
@@ -148,7 +146,7 @@ class RayExecutor:
                     background.start_soon(_tell_actors_on_stop, stop, shared, handles)
                     background.start_soon(_poll_counters, shared, counters)
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(_produce, job.source, sink.done, counts, stop, requests_send,
+                        tg.start_soon(feed, job.source, sink.done, counts, stop, requests_send,
                                       results_send.clone())
                         tg.start_soon(_dispatch_all, handles, shares, stop, counts, job.notice, requests_recv,
                                       results_send)
@@ -199,20 +197,6 @@ def _key_for_actors(job: JobRun) -> SealedKey:
     """The key the driver resolved, for the actors: a cluster's workers do not have the driver's environment
     or files. It travels as an actor argument (in the cluster's memory for the run's life), never printed."""
     return SealedKey(job.api_key.reveal())
-
-
-async def _produce(source: RequestSource, done: DoneRows, counts: _Counts, stop: Stop,
-                   requests: ObjectSendStream[Request], results: ObjectSendStream[Result]) -> None:
-    """The rows still to send, in file order; invalid rows go straight to the writer (as online)."""
-    async with requests, results:
-        with stop.produce_scope:
-            for item in still_to_send(source, done, counts):
-                if item is None:
-                    await anyio.lowlevel.checkpoint()
-                elif isinstance(item, Result):
-                    await results.send(item)
-                else:
-                    await requests.send(item)
 
 
 async def _dispatch_all(handles: list[Any], shares: list[int], stop: Stop, counts: _Counts, notice,
