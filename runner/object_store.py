@@ -80,12 +80,14 @@ class ObjectStoreSettings:
     addressing: str | None = None  # "path" or "virtual"; None: the default for the endpoint (see addressing_for)
 
     def addressing_for(self) -> str:
-        """OSS answers only virtual-hosted requests (bucket.oss-cn-hangzhou.aliyuncs.com); pyarrow's default for a
-        custom endpoint is path style (what MinIO and most self-hosted stores want)."""
+        """OSS answers only virtual-hosted requests (bucket.s3.oss-cn-hangzhou.aliyuncs.com); pyarrow's default for a
+        custom endpoint is path style (what MinIO and most self-hosted stores want). Amazon S3 without an endpoint is
+        always addressed the SDK's way (virtual)."""
         if self.addressing:
             return self.addressing
-        host = urlsplit(self.endpoint).hostname or "" if self.endpoint else ""
-        return "virtual" if host.endswith(".aliyuncs.com") else "path"
+        if not self.endpoint:
+            return "virtual"  # Amazon S3 itself: the SDK's own default
+        return "virtual" if (urlsplit(self.endpoint).hostname or "").endswith(".aliyuncs.com") else "path"
 
 
 class ObjectInput:
@@ -157,8 +159,11 @@ class ObjectInput:
             return SourceError(f"{self.uri}: no such bucket {self.uri.bucket!r}", hint=self._where_hint())
         if any(word in upper for word in ("ACCESS_DENIED", "ACCESSDENIED", "INVALIDACCESSKEYID",
                                           "SIGNATUREDOESNOTMATCH", "FORBIDDEN", "EXPIREDTOKEN", "INVALID_ACCESS_KEY")):
-            anonymous = " (anonymous)" if self.settings.anonymous else ""
-            return SourceError(f"{self.uri}: access denied{anonymous}", hint=_CREDENTIALS_HINT)
+            if self.settings.anonymous:
+                return SourceError(f"{self.uri}: access denied (anonymous)",
+                                   hint="the bucket is not public: remove [input] s3_anonymous and set "
+                                        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+            return SourceError(f"{self.uri}: access denied", hint=_CREDENTIALS_HINT)
         if "NETWORK_CONNECTION" in upper or "CURLCODE" in upper or "COULD NOT CONNECT" in upper:
             where = self.settings.endpoint or "Amazon S3"
             return SourceError(f"{self.uri}: cannot connect to the object store at {where}", hint=self._where_hint())
@@ -167,7 +172,7 @@ class ObjectInput:
     def _where_hint(self) -> str:
         if self.settings.endpoint:
             return "check [input] s3_endpoint (and s3_region); for Alibaba Cloud OSS it is e.g. " \
-                   "https://oss-cn-hangzhou.aliyuncs.com"
+                   "https://s3.oss-cn-hangzhou.aliyuncs.com"
         return "without [input] s3_endpoint the input is read from Amazon S3; set s3_endpoint for another store"
 
 

@@ -28,6 +28,7 @@ class S3Server:
         self.buckets: dict[str, dict[str, bytes]] = {}
         self.public: set[str] = set()
         self.requests: list[tuple[str, str, str]] = []
+        self.hosts: list[str] = []  # the Host header of every request (virtual-hosted style names the bucket)
         self.unsigned_served = 0  # requests without a signature that were answered (a public bucket)
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -71,8 +72,14 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
             url = urlsplit(self.path)
             with server._lock:
                 server.requests.append((self.command, unquote(url.path), url.query))
-            parts = unquote(url.path).lstrip("/").split("/", 1)
-            bucket, key = parts[0], parts[1] if len(parts) > 1 else ""
+            host = self.headers.get("Host", "").rsplit(":", 1)[0]
+            if host.endswith(".localhost"):  # virtual-hosted style: bucket.localhost:PORT/key
+                bucket, key = host.removesuffix(".localhost"), unquote(url.path).lstrip("/")
+            else:
+                parts = unquote(url.path).lstrip("/").split("/", 1)
+                bucket, key = parts[0], parts[1] if len(parts) > 1 else ""
+            with server._lock:
+                server.hosts.append(host)
             denied = self._auth_problem(url, bucket)
             if denied:
                 return self._error(403, *denied, head=head)

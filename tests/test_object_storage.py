@@ -228,3 +228,30 @@ def test_fingerprint_of_an_s3_input_names_the_object(tmp_path, s3):
     job = make_job(tmp_path, input=_s3_input("s3://data/prompts/x.parquet", s3))
     assert job_fingerprint(load_job(job))["input"] == "x.parquet"
     assert json.dumps(job_fingerprint(load_job(job)))  # plain values: it is written beside the output
+
+
+def test_virtual_hosted_addressing_puts_the_bucket_in_the_host(tmp_path, s3):
+    """s3_addressing = "virtual" (what OSS requires) sends bucket.host/key requests, and they are read."""
+    uri, _ = _upload_prompts(tmp_path, s3, "prompts.jsonl", 12)
+    port = s3.endpoint.rsplit(":", 1)[1]
+    job = make_job(tmp_path, input=_s3_input(uri, s3, s3_endpoint=f"http://localhost:{port}",
+                                             s3_addressing="virtual"))
+    result = run_cli("validate", str(job))
+    assert result.code == 0, result.stderr
+    assert "12" in result.stdout and s3.hosts and set(s3.hosts) == {"data.localhost"}
+
+
+@pytest.mark.parametrize("endpoint, given, expected", [
+    ("https://s3.oss-cn-hangzhou.aliyuncs.com", None, "virtual"),
+    ("https://oss-cn-beijing-internal.aliyuncs.com", None, "virtual"),
+    ("http://127.0.0.1:9000", None, "path"),
+    (None, None, "virtual"),
+    ("https://s3.oss-cn-hangzhou.aliyuncs.com", "path", "path"),
+    ("http://minio:9000", "virtual", "virtual"),
+])
+def test_addressing_default_is_virtual_for_oss_only(endpoint, given, expected):
+    """OSS endpoints (*.aliyuncs.com) and Amazon S3 default to virtual-hosted requests, other endpoints to path
+    style; a given value wins."""
+    from runner.object_store import ObjectStoreSettings
+
+    assert ObjectStoreSettings(endpoint=endpoint, addressing=given).addressing_for() == expected
