@@ -149,25 +149,34 @@ class ObjectInput:
         except OSError as exc:
             raise self.error(exc) from None
 
-    def error(self, exc: BaseException, doing: str = "cannot read input file") -> SourceError:
-        """A store error as a one-line SourceError naming the URI, never quoting a credential."""
-        text = " ".join(str(exc).split())
-        upper = text.upper()
+    def error(self, exc: BaseException, doing: str = "cannot read input file", *, midway: bool = False) -> SourceError:
+        """A store error as a one-line SourceError naming the URI, never quoting a credential. `midway`: the read
+        had started (the message says the input became unreadable, then why)."""
+        reason, hint = self._reason(exc, midway)
+        if reason is None:
+            return SourceError(f"{self.uri}: {doing} ({scrub(str(exc))})")
+        return SourceError(f"{self.uri}: {doing} ({reason})" if midway else f"{self.uri}: {reason}", hint=hint)
+
+    def _reason(self, exc: BaseException, midway: bool) -> tuple[str | None, str | None]:
+        """What went wrong in the user's words, and a hint; (None, None) for an error not recognised here."""
+        upper = str(exc).upper()
         if isinstance(exc, FileNotFoundError) or "NO_SUCH_KEY" in upper or "NOSUCHKEY" in upper:
-            return SourceError(f"{self.uri}: input file not found (no such key in bucket {self.uri.bucket!r})")
+            return f"input file not found (no such key in bucket {self.uri.bucket!r})", None
         if "NO_SUCH_BUCKET" in upper or "NOSUCHBUCKET" in upper:
-            return SourceError(f"{self.uri}: no such bucket {self.uri.bucket!r}", hint=self._where_hint())
+            return f"no such bucket {self.uri.bucket!r}", self._where_hint()
         if any(word in upper for word in ("ACCESS_DENIED", "ACCESSDENIED", "INVALIDACCESSKEYID",
                                           "SIGNATUREDOESNOTMATCH", "FORBIDDEN", "EXPIREDTOKEN", "INVALID_ACCESS_KEY")):
             if self.settings.anonymous:
-                return SourceError(f"{self.uri}: access denied (anonymous)",
-                                   hint="the bucket is not public: remove [input] s3_anonymous and set "
-                                        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
-            return SourceError(f"{self.uri}: access denied", hint=_CREDENTIALS_HINT)
+                return "access denied (anonymous)", ("the bucket is not public: remove [input] s3_anonymous and set "
+                                                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+            return "access denied", _CREDENTIALS_HINT
         if "NETWORK_CONNECTION" in upper or "CURLCODE" in upper or "COULD NOT CONNECT" in upper:
             where = self.settings.endpoint or "Amazon S3"
-            return SourceError(f"{self.uri}: cannot connect to the object store at {where}", hint=self._where_hint())
-        return SourceError(f"{self.uri}: {doing} ({scrub(text)})")
+            if midway:
+                return f"the connection to the object store at {where} failed", \
+                    "run the same command again once the store answers: it resumes from the rows committed so far"
+            return f"cannot connect to the object store at {where}", self._where_hint()
+        return None, None
 
     def _where_hint(self) -> str:
         if self.settings.endpoint:

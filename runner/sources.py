@@ -181,12 +181,12 @@ class RequestSource:
     def _open_text(self) -> io.BufferedIOBase:
         return open_bytes(self.path, self._store, gzipped=self.format == "jsonl.gz")
 
-    def _error(self, exc: BaseException, doing: str) -> SourceError:
+    def _error(self, exc: BaseException, doing: str, *, midway: bool = False) -> SourceError:
         """A SourceError for a failed read; an object store's errors are classified and scrubbed (pyarrow's text
         may quote request headers)."""
         if self._store is None:
             return SourceError(f"{self.path}: {doing} ({exc})")
-        return self._store.error(exc, doing)
+        return self._store.error(exc, doing, midway=midway)
 
     def _check_jsonl_columns(self) -> None:
         needed = self.spec.needed_columns()
@@ -253,7 +253,7 @@ class RequestSource:
                                                check_columns=needed if check else ()):
                     yield request if decorate is None else decorate(request)
         except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
-            raise self._error(exc, "input became unreadable while reading") from None
+            raise self._error(exc, "input became unreadable while reading", midway=True) from None
 
 
 def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None, provider_n=never_n,

@@ -28,6 +28,9 @@ class S3Server:
         self.buckets: dict[str, dict[str, bytes]] = {}
         self.public: set[str] = set()
         self.requests: list[tuple[str, str, str]] = []
+        # key -> byte offset: a GET of a range that starts at or past it sends its headers, then drops the
+        # connection (a store that fails in the middle of a download)
+        self.break_reads_from: dict[str, int] = {}
         self.hosts: list[str] = []  # the Host header of every request (virtual-hosted style names the bucket)
         self.unsigned_served = 0  # requests without a signature that were answered (a public bucket)
         self._lock = threading.Lock()
@@ -101,6 +104,14 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
                 start = int(start_text)
                 end = min(int(end_text) if end_text else len(data) - 1, len(data) - 1)
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                if start >= server.break_reads_from.get(key, len(data) + 1):
+                    self.send_response(206)
+                    for name, value in {**headers, "Content-Length": str(end + 1 - start)}.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data[start:start + 100])
+                    self.close_connection = True
+                    return
                 return self._send(206, data[start:end + 1], headers=headers)
             self._send(200, data, head=head, headers=headers)
 

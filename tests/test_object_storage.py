@@ -255,3 +255,41 @@ def test_addressing_default_is_virtual_for_oss_only(endpoint, given, expected):
     from runner.object_store import ObjectStoreSettings
 
     assert ObjectStoreSettings(endpoint=endpoint, addressing=given).addressing_for() == expected
+
+
+def test_store_failing_mid_download_is_a_one_line_error_and_a_rerun_resumes(tmp_path, emulator, s3):
+    """A download that breaks after the first megabytes stops the run with exit 2 naming the URI (no
+    traceback); the rows read before it are committed, and a rerun once the store works sends only the rest."""
+    records = [{"id": f"row-{i:05d}", "prompt": f"Question {i}: " + "x" * 400} for i in range(8000)]
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()  # ~3.3 MB: several 1 MB reads
+    uri = s3.put("data", "big.jsonl", data)
+    s3.break_reads_from["big.jsonl"] = 2 * 1024 * 1024
+    job = make_job(tmp_path, emulator, input={"path": uri, "id_column": "id", "prompt_column": "prompt",
+                                              "s3_endpoint": s3.endpoint})
+    result = run_cli("run", str(job))
+    line = _one_error_line(result, uri)
+    assert f"input became unreadable while reading (the connection to the object store at {s3.endpoint} failed)" \
+        in line, line
+    sent_before = emulator.stats(keys=False)["requests"]
+    assert 0 < sent_before < len(records)
+    del s3.break_reads_from["big.jsonl"]
+    final = run_cli("run", str(job))
+    assert final.code == 0, final.stderr
+    assert [r["key"] for r in read_output(tmp_path / "out/result.parquet")] == [r["id"] for r in records]
+    _assert_no_secret(final, tmp_path)
+
+
+def test_scrub_removes_credentials_and_signatures_from_store_errors(monkeypatch):
+    """Text quoted from the store or the SDK loses the credentials' values and any signature, on one line."""
+    from runner.object_store import scrub
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-canary-777")
+    text = (f"AWS Error UNKNOWN during GetObject: secret {SECRET}\nAuthorization: AWS4-HMAC-SHA256 "
+            f"Credential={KEY_ID}/20260101/us-east-1/s3/aws4_request, Signature=abcdef0123 "
+            "x-amz-security-token: session-token-canary-777")
+    cleaned = scrub(text)
+    assert "\n" not in cleaned and "GetObject" in cleaned
+    for value in (SECRET, KEY_ID, "session-token-canary-777", "abcdef0123"):
+        assert value not in cleaned
