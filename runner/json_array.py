@@ -8,7 +8,6 @@ the file cannot be trusted after a syntax error. The counting pass finds it befo
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import SourceError
+from .object_store import ObjectInput, open_bytes
 
 _CHUNK_CHARS = 1 << 20
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -27,13 +27,14 @@ _HINT = "a .json input is one array of objects, e.g. [{\"prompt\": \"...\"}, ...
 class JsonArrayReader:
     """Iterates the elements of the array in `path`; `max_element_chars` bounds the memory one element takes."""
 
-    def __init__(self, path: Path, *, gzipped: bool, max_element_chars: int) -> None:
+    def __init__(self, path: Path, *, gzipped: bool, max_element_chars: int, store: ObjectInput | None = None) -> None:
         self.path = path
+        self.store = store  # the object in S3-compatible storage the input is, else None (a local file)
         self.gzipped = gzipped
         self.max_element_chars = max_element_chars
 
     def __iter__(self) -> Iterator[Any]:
-        raw = gzip.open(self.path, "rb") if self.gzipped else open(self.path, "rb", buffering=1 << 20)
+        raw = open_bytes(self.path, self.store, gzipped=self.gzipped)
         with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict") as fh:
             try:
                 yield from _Parser(fh, self).elements()

@@ -11,6 +11,11 @@ writes it as an error row. Bad rows include text that cannot be sent (lone surro
 valid JSON escape such as "\\ud800" produces, or invalid UTF-8 in a Parquet file), JSON lines nested
 deeper than MAX_NESTING (both checked in runner/rowcheck.py) and lines longer than MAX_LINE_BYTES
 (skipped without being read whole).
+
+An input may also be an object in S3-compatible storage (`[input] path = "s3://bucket/key"`, any of the
+formats above): runner/object_store.py opens it, and every reader here reads it as it reads a local file,
+streamed. A plain JSON Lines object is not counted up front (a second download); its total is unknown, as
+for a gzipped file.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import pyarrow as pa
 
 from .errors import SourceError
 from .fanout import Expander, expanded_total, never_n
+from .object_store import ObjectInput, ObjectUri, open_bytes
 from .records import Request
 from .rowcheck import MAX_NESTING, TOO_DEEP, UNDECODABLE, nested_problem, scrubbed, unencodable, value_problem
 from .spec import InputSpec, ModelSpec
@@ -48,7 +54,7 @@ PARQUET_BATCH_ROWS = 2048
 MAX_LINE_BYTES = 32 * 1024 * 1024
 
 
-def input_format(path: Path) -> str:
+def input_format(path: Path | ObjectUri) -> str:
     name = path.name.lower()
     for ending, fmt in FORMATS.items():
         if name.endswith(ending):
@@ -72,7 +78,12 @@ class RequestSource:
         self.path = spec.path
         self.format = input_format(spec.path)
         self._count = count  # False: `total` stays None where knowing it takes a pass over the file
-        _check_regular_file(self.path)
+        # The object in S3-compatible storage the input is, else None (a local file)
+        self._store = ObjectInput(spec.path, spec.object_store) if isinstance(spec.path, ObjectUri) else None
+        if self._store is not None:
+            self._store.check()
+        else:
+            _check_regular_file(self.path)
         if self.format == "parquet":
             self._open_parquet()
         elif self.format.startswith(("csv", "tsv")):
@@ -82,7 +93,8 @@ class RequestSource:
         else:
             self._check_jsonl_columns()
             self.kept_fields = tuple(pa.field(name, pa.string()) for name in spec.keep_columns)
-            self.total = _count_lines(self.path) if self.format == "jsonl" and self._count else None
+            counted = self.format == "jsonl" and self._count and self._store is None
+            self.total = _count_lines(self.path) if counted else None
         if self.total is not None and limit is not None:
             self.total = min(self.total, limit)
         self.input_total = self.total  # input rows; `total` counts output rows (fan-out: several a row)
@@ -93,9 +105,9 @@ class RequestSource:
         import pyarrow.parquet as pq
 
         try:
-            self._parquet = pq.ParquetFile(self.path)
+            self._parquet = pq.ParquetFile(self._store.open_random_access() if self._store else self.path)
         except (OSError, pa.ArrowException) as exc:
-            raise SourceError(f"{self.path}: not a readable Parquet file ({exc})") from None
+            raise self._error(exc, "not a readable Parquet file") from None
         schema = self._parquet.schema_arrow
         missing = [c for c in self.spec.needed_columns() if schema.get_field_index(c) < 0]
         if missing:
@@ -132,7 +144,8 @@ class RequestSource:
     def _open_csv(self) -> None:
         from .csv_input import CsvInput
 
-        self._csv = CsvInput(self.path, tsv=self.format.startswith("tsv"), gzipped=self.format.endswith(".gz"))
+        self._csv = CsvInput(self.path, tsv=self.format.startswith("tsv"), gzipped=self.format.endswith(".gz"),
+                             store=self._store)
         missing = [c for c in self.spec.needed_columns() if c not in self._csv.columns]
         if missing and self._csv.columns:  # a file without even a header is an empty input
             raise SourceError(f"{self.path}: no column {_names(missing)} in the header; it has "
@@ -149,13 +162,13 @@ class RequestSource:
         from .json_array import JsonArrayReader
 
         self._array = JsonArrayReader(self.path, gzipped=self.format.endswith(".gz"),
-                                      max_element_chars=MAX_LINE_BYTES)
+                                      max_element_chars=MAX_LINE_BYTES, store=self._store)
         try:
             # Parses the whole file once: a syntax error stops the job before anything is sent.
             self.total = self._array.count() if self._count else None
             self._check_jsonl_columns()
         except (OSError, EOFError, zlib.error) as exc:
-            raise SourceError(f"{self.path}: cannot read input file ({exc})") from None
+            raise self._error(exc, "cannot read input file") from None
         self.kept_fields = tuple(pa.field(name, pa.string()) for name in self.spec.keep_columns)
 
     def _array_rows(self) -> Iterator[tuple[str, Any, bool]]:
@@ -166,9 +179,14 @@ class RequestSource:
 
     # -- JSONL -------------------------------------------------------------------------------
     def _open_text(self) -> io.BufferedIOBase:
-        if self.format == "jsonl.gz":
-            return gzip.open(self.path, "rb")
-        return open(self.path, "rb", buffering=1 << 20)
+        return open_bytes(self.path, self._store, gzipped=self.format == "jsonl.gz")
+
+    def _error(self, exc: BaseException, doing: str, *, midway: bool = False) -> SourceError:
+        """A SourceError for a failed read; an object store's errors are classified and scrubbed (pyarrow's text
+        may quote request headers)."""
+        if self._store is None:
+            return SourceError(f"{self.path}: {doing} ({exc})")
+        return self._store.error(exc, doing, midway=midway)
 
     def _check_jsonl_columns(self) -> None:
         needed = self.spec.needed_columns()
@@ -196,7 +214,7 @@ class RequestSource:
                 if rows >= JSONL_PEEK_ROWS or len(seen) == len(needed):
                     break
         except (OSError, EOFError, zlib.error) as exc:
-            raise SourceError(f"{self.path}: cannot read input file ({exc})") from None
+            raise self._error(exc, "cannot read input file") from None
         noun = "lines" if rows_of == self._jsonl_rows else "array elements"
         if rows and not objects:
             raise SourceError(f"{self.path}: none of the first {rows} {noun} is a JSON object ({first_problem})",
@@ -235,7 +253,7 @@ class RequestSource:
                                                check_columns=needed if check else ()):
                     yield request if decorate is None else decorate(request)
         except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
-            raise SourceError(f"{self.path}: input became unreadable while reading ({exc})") from None
+            raise self._error(exc, "input became unreadable while reading", midway=True) from None
 
 
 def open_source(spec: InputSpec, model: ModelSpec, *, limit: int | None = None, provider_n=never_n,

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from .endpoint_names import key_env_problem, resolve_host
 from .errors import SpecError
+from .object_store import ADDRESSING, ObjectStoreSettings, ObjectUri, looks_like_uri
 from .records import RESERVED_COLUMNS
 from .structured import load_schema, property_fields
 
@@ -71,7 +72,7 @@ class VariantSpec:
 
 @dataclass(frozen=True)
 class InputSpec:
-    path: Path
+    path: Path | ObjectUri  # a local file, or an object in S3-compatible storage (s3://bucket/key)
     id_column: str | None = None
     prompt_column: str | None = None
     messages_column: str | None = None
@@ -82,6 +83,8 @@ class InputSpec:
     params_column: str | None = None
     fail_on_empty: bool = False  # an input with no rows is an error (exit 2), not a warning
     variants: tuple[VariantSpec, ...] = ()  # [[input.variants]]: every row is sent once per variant
+    # [input] s3_*: where an s3:// input is read from and how (credentials only from the environment)
+    object_store: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
 
     @property
     def template_columns(self) -> tuple[str, ...]:
@@ -291,7 +294,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "input": {"path": _STR, "id_column": _STR, "prompt_column": _STR, "messages_column": _STR,
               "template": _STR, "system_prompt": _STR, "keep_columns": "a list of strings",
               "model_column": _STR, "params_column": _STR, "fail_on_empty": _BOOL,
-              "variants": "a list of tables"},
+              "variants": "a list of tables", "s3_endpoint": _STR, "s3_region": _STR, "s3_anonymous": _BOOL,
+              "s3_addressing": _STR},
     "endpoint": {"dialect": _STR, "region": _STR, "base_url": _STR, "workspace": _STR,
                  "api_key_env": _STR, "api_key_file": _STR, "timeout": _NUM,
                  "connect_timeout": _NUM, "stream_idle_timeout": _NUM, "read_timeout": _NUM, "transport": _STR,
@@ -499,7 +503,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         return raw[section][key]
 
     # [input]
-    input_path = _join(base, require("input", "path"))
+    input_path = _input_path(base, require("input", "path"), fail)
     sources = [k for k in ("prompt_column", "messages_column", "template") if get("input", k) is not None]
     if len(sources) != 1:
         _raise(fail("input", None, "set exactly one of prompt_column, messages_column or template"
@@ -525,6 +529,7 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         fail_on_empty=get("input", "fail_on_empty", False),
         variants=_variants(get("input", "variants", []), inp_uses_messages=get("input", "messages_column") is not None,
                            fail=fail),
+        object_store=_object_store(raw.get("input", {}), isinstance(input_path, ObjectUri), fail),
     )
 
     # [endpoint]
@@ -821,6 +826,34 @@ def _unechoed(name: str | None) -> str | None:
 
 def _raise(error: SpecError):
     raise error
+
+
+def _input_path(base: Path, text: str, fail) -> Path | ObjectUri:
+    """[input] path: an s3:// URI as it is, anything else a file relative to the job file's folder."""
+    if not looks_like_uri(text):
+        return _join(base, text)
+    try:
+        return ObjectUri.parse(text)
+    except ValueError as exc:
+        _raise(fail("input", "path", str(exc)))
+
+
+def _object_store(section: Mapping[str, Any], remote: bool, fail) -> ObjectStoreSettings:
+    """[input] s3_endpoint, s3_region, s3_anonymous, s3_addressing: only with an s3:// path."""
+    given = [key for key in ("s3_endpoint", "s3_region", "s3_anonymous", "s3_addressing") if key in section]
+    if given and not remote:
+        _raise(fail("input", given[0], "only applies to an s3:// path; this input is a local file"))
+    endpoint = section.get("s3_endpoint")
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        _raise(fail("input", "s3_endpoint", f"expected an http:// or https:// URL, got {endpoint!r}"))
+    addressing = section.get("s3_addressing")
+    if addressing is not None and addressing not in ADDRESSING:
+        _raise(fail("input", "s3_addressing", f"expected one of {', '.join(ADDRESSING)}, got {addressing!r}"))
+    region = section.get("s3_region")
+    if region is not None and not region.strip():
+        _raise(fail("input", "s3_region", "expected a region name, e.g. us-east-1, got an empty string"))
+    return ObjectStoreSettings(endpoint=endpoint.rstrip("/") if endpoint else None, region=region,
+                               anonymous=section.get("s3_anonymous", False), addressing=addressing)
 
 
 def _join(base: Path, relative: str) -> Path:
