@@ -272,10 +272,42 @@ def test_the_budget_is_reserved_through_the_shared_actor(tmp_path, make_emulator
     assert emu.stats()["succeeded_more_than_once"] == 0 and answered < 1000
 
 
+
+def test_input_on_object_storage_gives_the_online_table(tmp_path, make_emulator, ray_address, monkeypatch):
+    """A Parquet input on (loopback) S3 run with executor ray gives the table the local file gives online: the
+    driver reads the object with the credentials of its environment, the actors get rows, never credentials."""
+    from tests.s3_server import S3Server
+    from tests.test_object_storage import KEY_ID, SECRET
+
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    records = write_prompts(tmp_path / "prompts.parquet", 300)
+    tables = {}
+    with S3Server({KEY_ID: SECRET}) as store:
+        uri = store.put("data", "prompts.parquet", (tmp_path / "prompts.parquet").read_bytes())
+        inputs = {"online": {"path": "prompts.parquet"}, "ray": {"path": uri, "s3_endpoint": store.endpoint}}
+        for executor, where in inputs.items():
+            emu = make_emulator(faults={"500": 0.05}, seed=3)
+            job = _job(tmp_path, emu, name=executor, output={"path": f"out/{executor}.parquet"},
+                       input={**where, "id_column": "id", "prompt_column": "prompt"},
+                       run={"concurrency": 16, "executor": executor})
+            result = run_cli("run", str(job), "--ray-address", ray_address)
+            assert result.code == 0, result.stderr
+            assert SECRET not in result.stdout + result.stderr
+            tables[executor] = _comparable(tmp_path / f"out/{executor}.parquet")
+    assert [r["key"] for r in tables["ray"]] == [r["id"] for r in records]
+    assert tables["ray"] == tables["online"]
+
 def test_the_key_is_in_no_file_ray_wrote(ray_address):
     """After the runs above, the API key the drivers handed to their actors appears in none of the files of the
-    Ray session (logs, spilled objects): it travels as an actor argument only."""
+    Ray session (logs, spilled objects): it travels as an actor argument only. Nor does the object store's
+    secret, which only the driver reads."""
     session = Path(ray._private.worker._global_node.get_session_dir_path())  # no public API names it
     assert session.is_dir()
-    leaked = [path for path in session.rglob("*") if path.is_file() and TEST_KEY.encode() in path.read_bytes()]
+    from tests.test_object_storage import SECRET
+
+    secrets = (TEST_KEY.encode(), SECRET.encode())  # the API key; the object store's secret of the test above
+    leaked = [path for path in session.rglob("*") if path.is_file() and any(s in path.read_bytes() for s in secrets)]
     assert leaked == []
