@@ -11,7 +11,6 @@ It prints the run's exit code, the report's size and the time each step took.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -22,11 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runner.emulator import Emulator, EmulatorConfig  # noqa: E402
+from tests.bench.bench_report import faulty_run  # noqa: E402
 
-MODELS = ["qwen-plus", "qwen-flash", "qwen-max"]
-FAULTS = {"429": 0.05, "429burst": 0.01, "500": 0.02, "502": 0.01, "503": 0.01, "400": 0.005, "moderation": 0.005,
-          "slow": 0.01}
 WIDTH, SHOWN_WIDTH, HEIGHT = 960, 720, 4000   # the browser window (cropped to the page); scaled to SHOWN_WIDTH
 
 
@@ -48,46 +44,10 @@ def main() -> None:
 
 
 def make_report(folder: Path, rows: int) -> Path:
-    prompts = folder / "prompts.jsonl"
-    with prompts.open("w", encoding="utf-8") as out:
-        for i in range(rows):
-            out.write(json.dumps({"id": f"row-{i:06d}", "prompt": f"Question {i}: what is {i} squared?",
-                                  "model": MODELS[i % len(MODELS)]}) + "\n")
-    with Emulator(EmulatorConfig(faults=FAULTS, latency_ms=20, latency_jitter_ms=60, slow_ms=800)) as emulator:
-        job = folder / "job.toml"
-        job.write_text(f"""[input]
-path = "prompts.jsonl"
-id_column = "id"
-prompt_column = "prompt"
-model_column = "model"
-
-[endpoint]
-dialect = "openai"
-base_url = "{emulator.openai_base_url}"
-
-[model]
-name = "qwen-plus"
-
-[run]
-concurrency = 64
-max_attempts = 4
-max_error_rate = 1.0
-# The emulator's 429s here are background faults, not a limit our rate meets: paced adaptively, the run
-# would slow to ~15 rows/s and take 20 minutes; short back-offs keep the picture's run near a minute.
-adaptive_rate = false
-backoff_initial = 0.05
-backoff_max = 1.0
-
-[output]
-path = "out/run.parquet"
-""", encoding="utf-8")
-        started = time.monotonic()
-        run = subprocess.run([sys.executable, "-m", "runner", "run", str(job), "--overwrite", "--progress", "off"],
-                             env={"DASHSCOPE_API_KEY": "sk-emulator-local", "PATH": "/usr/bin:/bin"}, cwd=ROOT)
-        print(f"run: exit {run.returncode}, {time.monotonic() - started:.1f} s")
+    output = faulty_run(folder, rows, latency_ms=20, jitter_ms=60, slow_ms=800)
     report = folder / "out" / "run.report.html"
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "runner", "report", str(folder / "out" / "run.parquet"), "--html",
+    subprocess.run([sys.executable, "-m", "runner", "report", str(output), "--html",
                     str(report)], check=True, cwd=ROOT)
     print(f"report: {report.stat().st_size:,} bytes, {time.monotonic() - started:.1f} s")
     return report
