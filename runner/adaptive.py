@@ -56,11 +56,18 @@ STARTUP_EXIT_RUN = 6
 # in about STARTUP_SECONDS whatever the latency, within STARTUP_GROWTH: at a short round trip many gentle
 # steps (a limit crossed floods only a small window), at a long one a few steep ones.
 STARTUP_SECONDS = 0.5
-# The plateau (requests per second) at which CUBIC grows by `cubic` of it per second cubed.
-CUBIC_SCALE = 75.0
-DRAINED_PRIOR = 8
-CUBIC_EXPONENT = 0.5
 STARTUP_GROWTH = (1.25, 8.0)
+# The plateau (requests per second) at which CUBIC grows by `cubic` of it per second cubed; see _cubic.
+CUBIC_SCALE = 75.0
+CUBIC_EXPONENT = 0.5
+# A cut's size comes from the share accepted after its first 429, shrunk towards a 10% overshoot as if this
+# many answers had shown one: a handful of answers says little.
+DRAINED_PRIOR = 16
+# A window is excess when its throttled share exceeds the background share by this much (at least).
+MARGIN_FLOOR = 0.01
+# A window still being answered is judged at once from this many throttled answers, if background cannot
+# explain them (see _clearly_excess).
+EARLY_MIN = 4
 
 
 @dataclass
@@ -297,8 +304,12 @@ class AdaptiveRate:
         if self.startup:
             return self._run >= STARTUP_EXIT_RUN or window.throttled >= 2 * STARTUP_EXIT_SHARE * max(window.sent, 32)
         base = max(self.background, 0.005)
+        if self._test is not None and self._test.share_before <= MAX_BACKGROUND_SHARE:
+            # The window after a cut is its test, judged whole against the share before the cut (which may
+            # be background) unless its share clearly rose above that.
+            base = max(base, self._test.share_before)
         expected = window.answers * base
-        return window.throttled >= 4 and \
+        return window.throttled >= EARLY_MIN and \
             window.throttled >= expected + 3.5 * math.sqrt(expected * (1 - base)) + 2
 
     def _startup_gain(self) -> float:
@@ -330,7 +341,7 @@ class AdaptiveRate:
 
     def _margin(self, answers: int) -> float:
         base = max(self.background, 0.001)
-        return max(0.02, 3.5 * math.sqrt(base * (1 - base) / answers))
+        return max(MARGIN_FLOOR, 3.5 * math.sqrt(base * (1 - base) / answers))
 
     def _evaluate(self, now: float) -> bool:
         """Judge the oldest sealed windows whose requests are all answered (or most, after a long wait);
@@ -411,8 +422,8 @@ class AdaptiveRate:
         if window.drained_answers and self.rate is not None:
             sending = min(self.rate, max(float(len(self._sent)), 1.0))
             # Few answers say little: shrunk towards a 10% overshoot, as if DRAINED_PRIOR answers had shown it.
-            share = (window.drained_accepted + DRAINED_PRIOR * 0.9) / (window.drained_answers + DRAINED_PRIOR)
-            accepted = min(accepted, sending * share)
+            kept = (window.drained_accepted + DRAINED_PRIOR * 0.9) / (window.drained_answers + DRAINED_PRIOR)
+            accepted = min(accepted, sending * kept)
         if self.startup and self._startup_began is not None:
             # A server that counts per second lets a second's worth through at once, then its rate: what
             # startup got accepted came in 1 s more than it took.

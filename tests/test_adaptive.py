@@ -113,22 +113,25 @@ def test_the_startup_flood_at_an_unknown_limit_is_a_fraction_of_it():
 
 def test_a_hard_limit_costs_few_429s_over_a_run():
     """Unknown 75/s for 40 s (the bench's 3,000 requests): under 2% of requests throttled in all (3.4%
-    before, most of it the startup), under 0.7% after the first 15 s, and the limit used to >= 95%."""
+    before, most of it the startup), under 0.7% after the first 15 s, and the limit used to >= 95%; over
+    133 s (10,000 requests) under 1% in all."""
     for seed in (1, 2, 3):
         (client,) = _as_benched(lambda now: 75, seconds=40, seed=seed)
         assert _share_429([client]) < 0.02
         late_sent = sum(1 for t in client.accepted_at + client.throttled_at if t >= 15)
         assert _throttled_between(client, 15, 40) < 0.007 * late_sent
         assert accepted_rate(client, 15, 40) >= 0.95 * 75
+    (long,) = _as_benched(lambda now: 75, seconds=133)
+    assert _share_429([long]) < 0.01 and accepted_rate(long, 15, 133) >= 0.95 * 75
 
 
 def test_a_moving_limit_costs_few_429s():
-    """100/s halved at 30 s and restored at 60 s: each change followed within 15 s, and under 1.6% of
+    """100/s halved at 30 s and restored at 60 s: each change followed within 15 s, and under 1.8% of
     requests throttled over the run (3.0% before): the halving is seen within a few answers, not after a
     second's window, and the cut is sized by what the server accepted once its allowance was spent."""
     for seed in (1, 2, 3):
         (client,) = _as_benched(lambda now: 100 if now < 30 or now >= 60 else 50, seconds=90, seed=seed)
-        assert _share_429([client]) < 0.016
+        assert _share_429([client]) < 0.018
         assert abs(accepted_rate(client, 45, 60) - 50) < 5
         assert abs(accepted_rate(client, 75, 90) - 100) < 10
         assert _throttled_between(client, 30, 32) < 25
@@ -143,6 +146,17 @@ def test_two_runners_on_one_limit_share_it_with_few_429s():
         shares = [accepted_rate(c, 10, 60) / 100 for c in (first, second)]
         assert sum(shares) > 0.9 and min(shares) > 0.4
         assert _share_429([first, second]) < 0.02
+
+
+def test_a_limit_under_background_throttling_is_found_and_the_background_learned():
+    """A 75/s limit and 5% or 10% of answers throttled whatever the rate: the runner neither collapses
+    (each cut's test sees the share stay at the background and undoes the cut) nor floods: it accepts
+    the limit's worth (the background 429s come before the limit here) and its rate-caused 429s are few."""
+    for background in (0.05, 0.10):
+        (client,) = _run(lambda now: 75, background=background, seconds=60, jitter=0.2, start_window=16)
+        assert accepted_rate(client, 20, 60) >= 0.95 * 75 * (1 - background)
+        assert client.rate.undone >= 1 and abs(client.rate.background - background) < 0.05
+        assert client.throttled / client.sent < background + 0.04
 
 
 def test_startup_grows_by_round_trips_steeply_only_when_they_are_long():
