@@ -9,17 +9,21 @@ On a real account two kinds of 429 arrive mixed, often with the same code:
 
 So every answer is counted in windows (only answers to requests sent inside the window, so a
 window reflects the rate it was sent at), and a window is *excess* when its throttled share is
-significantly above the background share seen so far (3.5 standard deviations, at least 2 points).
-An excess window cuts the rate (to what the endpoint accepted in the last second, never below half,
-x0.9 at most, x0.7 for BurstRate), and the window after the cut is the test: if the share did not
-fall, the throttling was background, the cut is undone and the background share learned. Between
+significantly above the background share seen so far (3.5 standard deviations, at least 1 point); a
+window still being answered is judged at once when it already holds more 429s than the background
+could give. An excess window cuts the rate to 95% of what the endpoint accepts (the share it accepted
+of the requests sent after the window's first 429, when the server's allowance was spent; never below
+half, x0.9 at most, x0.7 for BurstRate), and the window after the cut is the test: if the share did
+not fall, the throttling was background, the cut is undone and the background share learned. Between
 cuts the rate grows while it is what holds requests back, slowly just after a cut and faster the
 longer no cut was needed (so a limit that is raised again is found within seconds).
 
-Before the first cut the job is in startup: no rate at all, only a window of requests in flight
-that grows by `startup_gain` per answer (x4 per round trip), so a quiet endpoint is at full
-concurrency after a few round trips whatever its latency, and a limit is found after at most a
-window's worth of 429s. `Throttling.BurstRate` ends startup at once.
+Before the first cut the job is in startup: no rate at all, only a window of requests in flight,
+from an eighth of the concurrency, growing per round trip by what reaches the demand in about half a
+second (x1.25 per 50 ms round trip, x8 per 500 ms one), so a quiet endpoint is at full concurrency
+within about a second whatever its latency, and the window that crosses an unknown limit (all of it
+refused once the server's allowance is spent) stays small where round trips are short. Six 429s in a
+row, a high throttled share, or `Throttling.BurstRate` end startup at once.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ MAX_BACKGROUND_SHARE = 0.15
 # background, and is not undone.
 CONFIRMED_SECONDS = 60.0
 # In startup only a share this high (over the last ~256 answers, or twice it in one window of 32) ends the
-# ramp: crossing a limit at x4 per round trip throttles most of the next window, while background
+# ramp: crossing a limit throttles most of the window sent after it, while background
 # throttling this heavy is rare (and is then told apart by the test after the cut).
 STARTUP_EXIT_SHARE = 0.2
 # Throttled answers in a row that end startup at once: past an unknown limit's burst allowance nearly every
