@@ -272,6 +272,13 @@ class AdaptiveRate:
         if throttled and code in CAPACITY_CODES:
             self.background_throttled += 1
             throttled = False  # counted as an answer the endpoint gave, not as a rate signal
+        window = self._window_of(seq)
+        if throttled and window is None:
+            # Sent before the last cut, at the rate it cut: rate-caused with it (moved to background if the cut
+            # is undone), not counted against the windows that follow.
+            self.rate_caused += 1
+            if self._test is not None:
+                self._test.rate_caused += 1
         elif throttled:
             self._unclassified += 1
         if self.startup:
@@ -284,7 +291,6 @@ class AdaptiveRate:
         if accepted:
             self._accepted.append(now)
             _trim(self._accepted, now)
-        window = self._window_of(seq)
         if window is not None:  # (answers to requests sent before the last cut say nothing of its rate)
             self._run = self._run + 1 if throttled else 0
             window.answers += 1
