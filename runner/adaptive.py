@@ -9,17 +9,21 @@ On a real account two kinds of 429 arrive mixed, often with the same code:
 
 So every answer is counted in windows (only answers to requests sent inside the window, so a
 window reflects the rate it was sent at), and a window is *excess* when its throttled share is
-significantly above the background share seen so far (3.5 standard deviations, at least 2 points).
-An excess window cuts the rate (to what the endpoint accepted in the last second, never below half,
-x0.9 at most, x0.7 for BurstRate), and the window after the cut is the test: if the share did not
-fall, the throttling was background, the cut is undone and the background share learned. Between
+significantly above the background share seen so far (3.5 standard deviations, at least 1 point); a
+window still being answered is judged at once when it already holds more 429s than the background
+could give. An excess window cuts the rate to 95% of what the endpoint accepts (the share it accepted
+of the requests sent after the window's first 429, when the server's allowance was spent; never below
+half, x0.9 at most, x0.7 for BurstRate), and the window after the cut is the test: if the share did
+not fall, the throttling was background, the cut is undone and the background share learned. Between
 cuts the rate grows while it is what holds requests back, slowly just after a cut and faster the
 longer no cut was needed (so a limit that is raised again is found within seconds).
 
-Before the first cut the job is in startup: no rate at all, only a window of requests in flight
-that grows by `startup_gain` per answer (x4 per round trip), so a quiet endpoint is at full
-concurrency after a few round trips whatever its latency, and a limit is found after at most a
-window's worth of 429s. `Throttling.BurstRate` ends startup at once.
+Before the first cut the job is in startup: no rate at all, only a window of requests in flight,
+from an eighth of the concurrency, growing per round trip by what reaches the demand in about half a
+second (x1.25 per 50 ms round trip, x8 per 500 ms one), so a quiet endpoint is at full concurrency
+within about a second whatever its latency, and the window that crosses an unknown limit (all of it
+refused once the server's allowance is spent) stays small where round trips are short. Six 429s in a
+row, a high throttled share, or `Throttling.BurstRate` end startup at once.
 """
 
 from __future__ import annotations
@@ -45,9 +49,29 @@ MAX_BACKGROUND_SHARE = 0.15
 # background, and is not undone.
 CONFIRMED_SECONDS = 60.0
 # In startup only a share this high (over the last ~256 answers, or twice it in one window of 32) ends the
-# ramp: crossing a limit at x4 per round trip throttles most of the next window, while background
+# ramp: crossing a limit throttles most of the window sent after it, while background
 # throttling this heavy is rare (and is then told apart by the test after the cut).
 STARTUP_EXIT_SHARE = 0.2
+# Throttled answers in a row that end startup at once: past an unknown limit's burst allowance nearly every
+# request is refused, while background throttling (at most MAX_BACKGROUND_SHARE) gives such a run about
+# once in 60,000 answers.
+STARTUP_EXIT_RUN = 6
+# In startup the window grows per round trip by a factor that reaches the demand (requests waiting to go)
+# in about STARTUP_SECONDS whatever the latency, within STARTUP_GROWTH: at a short round trip many gentle
+# steps (a limit crossed floods only a small window), at a long one a few steep ones.
+STARTUP_SECONDS = 0.5
+STARTUP_GROWTH = (1.25, 8.0)
+# The plateau (requests per second) at which CUBIC grows by `cubic` of it per second cubed; see _cubic.
+CUBIC_SCALE = 75.0
+CUBIC_EXPONENT = 0.5
+# A cut's size comes from the share accepted after its first 429, shrunk towards a 10% overshoot as if this
+# many answers had shown one: a handful of answers says little.
+DRAINED_PRIOR = 16
+# A window is excess when its throttled share exceeds the background share by this much (at least).
+MARGIN_FLOOR = 0.01
+# A window still being answered is judged at once from this many throttled answers, if background cannot
+# explain them (see _clearly_excess).
+EARLY_MIN = 4
 
 
 @dataclass
@@ -61,6 +85,11 @@ class _Window:
     answers: int = 0
     throttled: int = 0
     burst: bool = False
+    # From the first throttled answer on, the server's allowance is spent: what it accepts of the requests
+    # sent since is its rate.
+    drained_from: float | None = None  # when the first throttled request was sent
+    drained_answers: int = 0
+    drained_accepted: int = 0
 
 
 @dataclass
@@ -74,14 +103,14 @@ class _PendingTest:
 class AdaptiveRate:
     """One model's discovered rate. Not thread-safe; one event loop."""
 
-    def __init__(self, clock: Clock, *, start_window: float = 32, startup_gain: float = 3.0,
+    def __init__(self, clock: Clock, *, start_window: float = 32, startup_gain: float | None = None,
                  cubic: float = 0.0008, headroom: float = 0.95,
                  decrease: float = 0.9, burst_decrease: float = 0.7, floor: float = 0.2,
                  ceiling: float = 100_000.0, recheck: float = 0.1, adjust: bool = True) -> None:
         self._clock = clock
         self.adjust = adjust  # False: only classify (the gate still closes on excess), never pace
         self.startup = adjust
-        self.window = float(start_window)
+        self.start_window = self.window = float(start_window)
         self.startup_gain = startup_gain
         self.rate: float | None = None
         self.cubic = cubic
@@ -108,6 +137,13 @@ class AdaptiveRate:
         self._grown_at = now
         self._limited = False
         self._seq = 0
+        self._sent_at: dict[int, float] = {}  # requests in flight: sequence number -> when sent
+        self._rtt: float | None = None
+        self._run = 0  # throttled answers in a row
+        # Since startup began: when its first request went, and the answers that accepted its requests.
+        self._startup_began: float | None = None
+        self._startup_accepted = 0
+        self._latest_answered = float("-inf")  # the send time of the latest-sent request answered so far
         self._windows: deque[_Window] = deque([_Window(now)])  # oldest first; the last one takes new requests
         self._test: _PendingTest | None = None
         self._accepted: deque[float] = deque()
@@ -118,6 +154,8 @@ class AdaptiveRate:
         # Startup waiters, first come first served; each answer wakes only as many as it freed slots
         # (waking all of them for every answer cost O(concurrency) per answer at 1,024 in flight).
         self._room_waiters: deque[anyio.Event] = deque()
+        self.waiting = 0  # requests held back by the startup window (the demand beyond what is in flight)
+        self._demand = 0
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -129,7 +167,11 @@ class AdaptiveRate:
         while not self.has_room():
             event = anyio.Event()
             self._room_waiters.append(event)
-            await event.wait()
+            self.waiting += 1
+            try:
+                await event.wait()
+            finally:
+                self.waiting -= 1
 
     def _wake(self, everyone: bool = False) -> None:
         free = len(self._room_waiters) if everyone or not self.startup else int(self.window) - self.in_flight
@@ -159,6 +201,9 @@ class AdaptiveRate:
         self._sent.append(now)
         _trim(self._sent, now)
         seq, self._seq = self._seq, self._seq + 1
+        self._sent_at[seq] = now
+        if self.startup and self._startup_began is None:
+            self._startup_began = now
         current = self._windows[-1]
         current.sent += 1
         if self._full(current, now):
@@ -199,10 +244,16 @@ class AdaptiveRate:
         peak = self._peak if self._peak > 0 else self.rate
         # CUBIC (RFC 9438) on a rate: back to the rate of the last cut in `_plateau` seconds, flat around
         # it, then faster and faster (a limit that was raised is found within seconds).
-        target = peak * (1 + self.cubic * (self._since_cut - self._plateau) ** 3)
+        target = peak * (1 + self._cubic(peak) * (self._since_cut - self._plateau) ** 3)
         # At most x1.5 a second, so an overshoot is caught by the next window before it floods.
         ceiling = min(self.ceiling, self.rate * (1 + 0.5 * min(elapsed, 1.0)))
         self._set_rate(min(max(target, self.rate + 0.1 * elapsed, self.floor), ceiling))
+
+    def _cubic(self, peak: float) -> float:
+        """CUBIC's growth, relative to the plateau: slower the higher the plateau (as the square root), so
+        of two runners on one limit the smaller grows back faster and their shares converge (growth
+        proportional to the rate would keep any split for ever)."""
+        return self.cubic * (CUBIC_SCALE / max(peak, self.floor)) ** CUBIC_EXPONENT
 
     # --- answers -----------------------------------------------------------------------------
 
@@ -212,31 +263,76 @@ class AdaptiveRate:
         now = self._clock()
         if self.in_flight > 0:
             self.in_flight -= 1
+        sent_at = self._sent_at.pop(seq, None)
+        if sent_at is not None:
+            self._latest_answered = max(self._latest_answered, sent_at)
+            latency = now - sent_at
+            self._rtt = latency if self._rtt is None else self._rtt + 0.125 * (latency - self._rtt)
         self._unclassified_answers += 1
         if throttled and code in CAPACITY_CODES:
             self.background_throttled += 1
             throttled = False  # counted as an answer the endpoint gave, not as a rate signal
+        window = self._window_of(seq)
+        if throttled and window is None:
+            # Sent before the last cut, at the rate it cut: rate-caused with it (moved to background if the cut
+            # is undone), not counted against the windows that follow.
+            self.rate_caused += 1
+            if self._test is not None:
+                self._test.rate_caused += 1
         elif throttled:
             self._unclassified += 1
         if self.startup:
             if accepted:
-                self.window += self.startup_gain
+                self._startup_accepted += 1
+                self.window += self._startup_gain()
             elif throttled:  # a throttled answer gives back its slot, not a new one: a flood shrinks itself
                 self.window = max(8.0, self.window - 1)
             self._wake()
         if accepted:
             self._accepted.append(now)
             _trim(self._accepted, now)
-        window = self._window_of(seq)
-        if window is not None:
+        if window is not None:  # (answers to requests sent before the last cut say nothing of its rate)
+            self._run = self._run + 1 if throttled else 0
             window.answers += 1
             if throttled:
                 window.throttled += 1
                 window.burst = window.burst or code in BURST_CODES
-            if self.startup and window.throttled >= 2 * STARTUP_EXIT_SHARE * max(window.sent, 32):
+            if window.drained_from is not None and sent_at is not None and sent_at > window.drained_from:
+                window.drained_answers += 1
+                window.drained_accepted += accepted
+            if throttled and window.drained_from is None and sent_at is not None:
+                window.drained_from = sent_at  # counted from the next one: this one would bias it down
+            if self._clearly_excess(window):
                 self._windows.remove(window)  # already excess, whatever its other answers: act now
-                return self._judge_window(now, window)
+                return self._judge_window(now, window, force=True)
         return self._evaluate(now)
+
+    def _clearly_excess(self, window: _Window) -> bool:
+        """Whether a window still being answered is already excess beyond doubt: in startup a run of
+        throttled answers or a high share; after it, more throttled answers than the background share
+        would give once in thousands of windows."""
+        if self.startup:
+            return self._run >= STARTUP_EXIT_RUN or window.throttled >= 2 * STARTUP_EXIT_SHARE * max(window.sent, 32)
+        base = max(self.background, 0.005)
+        if self._test is not None and self._test.share_before <= MAX_BACKGROUND_SHARE:
+            # The window after a cut is its test, judged whole against the share before the cut (which may
+            # be background) unless its share clearly rose above that.
+            base = max(base, self._test.share_before)
+        expected = window.answers * base
+        return window.throttled >= EARLY_MIN and \
+            window.throttled >= expected + 3.5 * math.sqrt(expected * (1 - base)) + 2
+
+    def _startup_gain(self) -> float:
+        """What one accepted answer adds to the startup window: growth per round trip, less the one slot the
+        answer gives back."""
+        if self.startup_gain is not None:
+            return self.startup_gain
+        low, high = STARTUP_GROWTH
+        self._demand = demand = max(self._demand, self.in_flight + self.waiting)  # the most that wanted to go
+        if demand <= self.start_window:
+            return low - 1
+        growth = (demand / self.start_window) ** ((self._rtt or 0.0) / STARTUP_SECONDS)
+        return min(high, max(low, growth)) - 1
 
     def _window_of(self, seq: int) -> _Window | None:
         """The window request `seq` belongs to (None: sent before the last cut)."""
@@ -255,7 +351,7 @@ class AdaptiveRate:
 
     def _margin(self, answers: int) -> float:
         base = max(self.background, 0.001)
-        return max(0.02, 3.5 * math.sqrt(base * (1 - base) / answers))
+        return max(MARGIN_FLOOR, 3.5 * math.sqrt(base * (1 - base) / answers))
 
     def _evaluate(self, now: float) -> bool:
         """Judge the oldest sealed windows whose requests are all answered (or most, after a long wait);
@@ -273,25 +369,26 @@ class AdaptiveRate:
                 break
         return cut
 
-    def _judge_window(self, now: float, window: _Window) -> bool:
+    def _judge_window(self, now: float, window: _Window, force: bool = False) -> bool:
         """Judge a window taken out of the queue. After a cut only requests sent from now on are counted
         (what is in flight was sent at the old rate); the queue never runs empty."""
-        cut = self._judge(now, window)
+        cut = self._judge(now, window, force)
         if cut:
             self._windows = deque([_Window(now, first=self._seq)])
+            self._run = 0
         elif not self._windows:
             self._windows.append(_Window(now, first=self._seq))
         return cut
 
-    def _judge(self, now: float, window: _Window) -> bool:
+    def _judge(self, now: float, window: _Window, force: bool = False) -> bool:
         share = window.throttled / window.answers
         if self.startup:  # a ramp that crosses a limit shows it at once; a lower share is background
             self._startup_share += 0.125 * (share - self._startup_share)  # over the last ~256 answers
-            excess = window.burst or share >= 2 * STARTUP_EXIT_SHARE or self._startup_share >= STARTUP_EXIT_SHARE
+            excess = force or window.burst or share >= 2 * STARTUP_EXIT_SHARE or self._startup_share >= STARTUP_EXIT_SHARE
         else:
-            excess = window.burst or share > self.background + self._margin(window.answers)
+            excess = force or window.burst or share > self.background + self._margin(window.answers)
         test, self._test = self._test, None
-        if test is not None and not window.burst and excess and self._unchanged(test, share, window.answers) \
+        if test is not None and not (force or window.burst) and excess and self._unchanged(test, share, window.answers) \
                 and now - self._confirmed_at > CONFIRMED_SECONDS:
             self._undo(test, share)
             self._classify(False)
@@ -332,6 +429,15 @@ class AdaptiveRate:
         accepted = float(len(self._accepted))
         if span >= 0.5:
             accepted = min(accepted, (window.answers - window.throttled) / span)
+        if window.drained_answers and self.rate is not None:
+            sending = min(self.rate, max(float(len(self._sent)), 1.0))
+            # Few answers say little: shrunk towards a 10% overshoot, as if DRAINED_PRIOR answers had shown it.
+            kept = (window.drained_accepted + DRAINED_PRIOR * 0.9) / (window.drained_answers + DRAINED_PRIOR)
+            accepted = min(accepted, sending * kept)
+        if self.startup and self._startup_began is not None:
+            # A server that counts per second lets a second's worth through at once, then its rate: what
+            # startup got accepted came in 1 s more than it took.
+            accepted = min(accepted, self._startup_accepted / (1 + max(0.0, self._latest_answered - self._startup_began)))
         self._test = _PendingTest(self.rate, share, window.answers, rate_caused)
         self.cuts += 1
         if not self.adjust:
@@ -347,7 +453,7 @@ class AdaptiveRate:
         # a tenth above the new rate (a cut from a startup flood must not climb straight back to it).
         self._peak = max(new_rate, min(current, accepted, new_rate / 0.9))
         self._since_cut = 0.0
-        self._plateau = ((self._peak - new_rate) / (self.cubic * self._peak)) ** (1 / 3)
+        self._plateau = ((self._peak - new_rate) / (self._cubic(self._peak) * self._peak)) ** (1 / 3)
 
     def _undo(self, test: _PendingTest, share: float) -> None:
         """The share did not fall after the cut: that throttling was background. Restore the rate."""
@@ -360,6 +466,7 @@ class AdaptiveRate:
         if test.rate_before is None:
             self.startup = True
             self.rate = None
+            self._startup_began, self._startup_accepted = None, 0
         else:
             self._set_rate(test.rate_before)
 
@@ -370,6 +477,12 @@ class AdaptiveRate:
                 "startup": self.startup, "cuts": self.cuts, "undone_cuts": self.undone,
                 "background_share": round(self.background, 4),
                 "throttled_rate_caused": self.rate_caused, "throttled_background": self.background_throttled}
+
+
+def start_window_for(concurrency: int | None) -> float:
+    """The requests startup sends before any answer: an eighth of the concurrency (8 to 128). Sent blind, so
+    it is what an unknown limit floods first; a job asking for more concurrency expects a higher rate."""
+    return 32.0 if concurrency is None else float(min(128, max(8, concurrency // 8)))
 
 
 def _trim(times: deque[float], now: float) -> None:

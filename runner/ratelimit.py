@@ -24,7 +24,7 @@ from typing import Awaitable, Callable, Mapping, NamedTuple, Protocol
 
 import anyio
 
-from .adaptive import AdaptiveRate, burst_capacity
+from .adaptive import AdaptiveRate, burst_capacity, start_window_for
 from .errors import RunnerError
 
 Clock = Callable[[], float]
@@ -187,12 +187,13 @@ class LocalRateLimiter:
 
     def __init__(self, limits_for: Callable[[str], Limits], *, adaptive: bool = True, utilization: float = 0.97,
                  cooldown_seconds: float = 0.25, cooldown_max: float = 120.0, clock: Clock = time.monotonic,
-                 sleep: Sleep = anyio.sleep) -> None:
+                 sleep: Sleep = anyio.sleep, concurrency: int | None = None) -> None:
         self._limits_for = limits_for
         self.adaptive = adaptive
         self.utilization = utilization
         self._clock = clock
         self._sleep = sleep
+        self._start_window = start_window_for(concurrency)
         self.gate = CooldownGate(clock, default_seconds=cooldown_seconds, max_seconds=cooldown_max)
         self._shift = 0.0  # seconds the gate has been closed in all: pacing deadlines move by as much
         self._requests: dict[str, TokenBucket | None] = {}
@@ -215,7 +216,8 @@ class LocalRateLimiter:
             self._tokens[model] = TokenBucket(tps, tps, clock, tokens=0.0) if tps else None
             # Every model gets the throttling test (it decides when the gate closes); only a model without
             # known limits, with adaptive_rate on, is paced by it.
-            self._adaptive[model] = AdaptiveRate(clock, adjust=self.adaptive and not rps)
+            self._adaptive[model] = AdaptiveRate(clock, adjust=self.adaptive and not rps,
+                                                 start_window=self._start_window)
         return self._requests[model], self._tokens[model], self._adaptive[model]
 
     async def acquire(self, model: str, tokens: int, *, lookahead: float = 0.0) -> Sent:

@@ -57,12 +57,14 @@ class SimClient:
     rate: AdaptiveRate
     concurrency: int
     latency: float
+    jitter: float = 0.0  # each answer takes latency x (1 +- up to jitter), drawn from the server's generator
     in_flight: int = 0
     ticket: int | None = None
     sent: int = 0
     accepted: int = 0
     throttled: int = 0
     accepted_at: list[float] = field(default_factory=list)
+    throttled_at: list[float] = field(default_factory=list)
 
 
 def simulate(server: SimServer, clients: list[SimClient], clock: SimClock, *, seconds: float,
@@ -72,6 +74,8 @@ def simulate(server: SimServer, clients: list[SimClient], clock: SimClock, *, se
     answers = server.pending
     end = clock.now + seconds
     while clock.now < end:
+        for client in clients:  # every idle worker waits for the pacer, as the runner's do
+            client.rate.waiting = client.concurrency - client.in_flight
         while answers and answers[0][0] <= clock.now:
             _, _, index, seq, admitted = heapq.heappop(answers)
             client = clients[index]
@@ -82,6 +86,7 @@ def simulate(server: SimServer, clients: list[SimClient], clock: SimClock, *, se
                 client.rate.answered(seq, accepted=True)
             else:
                 client.throttled += 1
+                client.throttled_at.append(clock.now)
                 client.rate.answered(seq, throttled=True, code="Throttling.RateQuota")
         order = list(enumerate(clients))
         server.rng.shuffle(order)  # two processes interleave; neither always asks first
@@ -96,7 +101,8 @@ def simulate(server: SimServer, clients: list[SimClient], clock: SimClock, *, se
                 seq = client.rate.sent()
                 client.in_flight += 1
                 client.sent += 1
-                heapq.heappush(answers, (clock.now + client.latency, server.seq, index, seq, server.admit(clock.now)))
+                latency = client.latency * (1 + client.jitter * (2 * server.rng.random() - 1)) if client.jitter else client.latency
+                heapq.heappush(answers, (clock.now + latency, server.seq, index, seq, server.admit(clock.now)))
                 server.seq += 1
         clock.now += step
 

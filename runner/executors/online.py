@@ -52,7 +52,7 @@ class OnlineExecutor:
         limiter = LocalRateLimiter(
             limits_table(Limits(spec.run.rpm, spec.run.tpm), {m: Limits(*v) for m, v in spec.run.limits.items()}),
             adaptive=spec.run.adaptive_rate, cooldown_seconds=spec.run.cooldown_seconds,
-            cooldown_max=spec.run.retry_after_max)
+            cooldown_max=spec.run.retry_after_max, concurrency=concurrency)
         job.started(limiter)
         # Judged only past four rounds of requests in flight: a ramp that meets an unknown limit may be
         # answered by a round of 429s before the first successes.
