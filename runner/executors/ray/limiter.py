@@ -61,7 +61,8 @@ class SharedLimiter:
     def __init__(self, run: RunSpec, max_cost: float | None, currency: str, spent: float) -> None:
         self.limiter = LocalRateLimiter(
             limits_table(Limits(run.rpm, run.tpm), {m: Limits(*v) for m, v in run.limits.items()}),
-            adaptive=run.adaptive_rate, cooldown_seconds=run.cooldown_seconds, cooldown_max=run.retry_after_max)
+            adaptive=run.adaptive_rate, cooldown_seconds=run.cooldown_seconds, cooldown_max=run.retry_after_max,
+            concurrency=run.concurrency)
         self.spend: CostBudget | None = None
         if max_cost is not None:
             self.spend = CostBudget(max_cost, currency)
