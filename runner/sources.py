@@ -21,7 +21,6 @@ for a gzipped file.
 from __future__ import annotations
 
 import functools
-import gzip
 import io
 import json
 import os

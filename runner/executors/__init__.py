@@ -21,6 +21,7 @@ from ..errors import RunnerError
 
 if TYPE_CHECKING:
     import httpx
+    from anyio.abc import ObjectReceiveStream
 
     from ..cost import PriceBook
     from ..endpoints import ApiKey
@@ -182,3 +183,21 @@ def first_runner_error(group: BaseExceptionGroup) -> BaseException:
         elif isinstance(error, RunnerError):
             return error
     return group
+
+
+async def commit_as_they_come(results: "ObjectReceiveStream[Result]", job: JobRun,
+                              keep: Callable[["Result"], bool] | None = None) -> None:
+    """An executor's writer: commit each result as it arrives (those `keep` accepts), and flush a part when
+    one is due even if no result arrives (a slow tail of retries)."""
+    sink = job.sink
+    async with results:
+        while True:
+            with anyio.move_on_after(max(sink.seconds_until_due(), 0.05)):
+                try:
+                    result = await results.receive()
+                except anyio.EndOfStream:
+                    return
+                if keep is None or keep(result):
+                    job.write(result)
+                continue
+            sink.flush()

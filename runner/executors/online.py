@@ -25,7 +25,7 @@ from ..ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
 from ..records import Request, Result
 from ..row_sender import RowSender, SourceCounts, feed
 from .. import structured
-from . import Finish, JobRun, Stop, Stopping, first_runner_error
+from . import Finish, JobRun, Stop, Stopping, commit_as_they_come, first_runner_error
 
 
 class OnlineExecutor:
@@ -73,7 +73,7 @@ class OnlineExecutor:
                     sender = RowSender(guarded, policy, job.sleep, stop, limiter, retry_budget,
                                spec.run.expected_output_tokens, prices, spend, structured.for_job(spec))
                     tg.start_soon(_run_workers, concurrency, sender, req_recv, res_send)
-                    await _write_results(res_recv, job)
+                    await commit_as_they_come(res_recv, job)
             except BaseExceptionGroup as group:
                 raise first_runner_error(group) from None
         summary.changed_rows = counts.changed
@@ -111,18 +111,3 @@ async def _run_workers(count: int, sender: RowSender, requests: ObjectReceiveStr
             sender.stop.work_scope = workers.cancel_scope
             for _ in range(count):
                 workers.start_soon(_work, sender, requests.clone(), results.clone())
-
-
-async def _write_results(results: ObjectReceiveStream[Result], job: JobRun) -> None:
-    sink = job.sink
-    async with results:
-        while True:
-            # Wake up when a part is due even if no result arrives (a slow tail of retries).
-            with anyio.move_on_after(max(sink.seconds_until_due(), 0.05)):
-                try:
-                    result = await results.receive()
-                except anyio.EndOfStream:
-                    return
-                job.write(result)
-                continue
-            sink.flush()

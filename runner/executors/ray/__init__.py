@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 import anyio.lowlevel
@@ -52,7 +52,7 @@ from ...cost import NoPrice  # noqa: E402
 from ...errors import Interrupted, RunnerError  # noqa: E402
 from ...records import Request, Result  # noqa: E402
 from ...row_sender import SourceCounts, feed  # noqa: E402
-from .. import Finish, JobRun, Stop, first_runner_error  # noqa: E402
+from .. import Finish, JobRun, Stop, commit_as_they_come, first_runner_error  # noqa: E402
 from .limiter import SharedLimiter
 from .sender import RowActor, SealedKey, rebuild
 
@@ -150,7 +150,7 @@ class RayExecutor:
                                       results_send.clone())
                         tg.start_soon(_dispatch_all, handles, shares, stop, counts, job.notice, requests_recv,
                                       results_send)
-                        await _write_results(results_recv, job, counts)
+                        await commit_as_they_come(results_recv, job, _once_per_row(counts))
                     background.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 raise first_runner_error(group) from None
@@ -276,27 +276,22 @@ async def _send_batch(handle: Any, batch: list[Request], stop: Stop, counts: _Co
             counts.sent.pop(row_id, None)
 
 
-async def _write_results(results: ObjectReceiveStream[Result], job: JobRun, counts: _Counts) -> None:
-    """Commit each answer as it arrives; a row already committed by this run is not committed again."""
-    sink = job.sink
+def _once_per_row(counts: _Counts) -> Callable[[Result], bool]:
+    """Whether a result is the first this run has for its row: a re-executed row (an actor lost after
+    answering) is committed once."""
     written = bytearray()
-    async with results:
-        while True:
-            with anyio.move_on_after(max(sink.seconds_until_due(), 0.05)):
-                try:
-                    result = await results.receive()
-                except anyio.EndOfStream:
-                    return
-                row = result.row_id
-                if row < len(written) and written[row]:
-                    counts.duplicates += 1
-                    continue
-                if row >= len(written):
-                    written.extend(bytes(max(row + 1 - len(written), len(written))))
-                written[row] = 1
-                job.write(result)
-                continue
-            sink.flush()
+
+    def first(result: Result) -> bool:
+        row = result.row_id
+        if row < len(written) and written[row]:
+            counts.duplicates += 1
+            return False
+        if row >= len(written):
+            written.extend(bytes(max(row + 1 - len(written), len(written))))
+        written[row] = 1
+        return True
+
+    return first
 
 
 async def _tell_actors_on_stop(stop: Stop, shared: Any, handles: list[Any]) -> None:
