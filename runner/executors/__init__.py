@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, 
 
 import anyio
 
-from ..errors import RunnerError
+from ..errors import Interrupted, RunnerError
 
 if TYPE_CHECKING:
     import httpx
@@ -159,6 +159,15 @@ class Stop:
                 self._waits.discard(scope)
         if scope.cancel_called:
             raise Stopping
+
+    def raise_if_stopped(self, committed: int, parts_dir: Any) -> None:
+        """At an executor's end: the run-level error that stopped it, or Interrupted when a signal did
+        (`committed` rows are in `parts_dir`); nothing when it ran to the end."""
+        if self.error is not None:
+            raise self.error
+        if self.requested:
+            raise Interrupted(f"stopped by {self.signal_name}: {committed:,} rows are committed in {parts_dir}",
+                              hint="run the same command again to finish the job")
 
     def fail(self, error: RunnerError) -> None:
         """A run-level error (bad key, no money, retry budget): stop taking rows, let requests in flight

@@ -19,7 +19,7 @@ from ..clients import ChatClient
 from ..clients.stream_rules import StreamPolicy
 from ..cost import CostBudget, NoPrice
 from ..endpoint_check import EndpointGuard
-from ..errors import Interrupted, RunnerError
+from ..errors import RunnerError
 from ..limits import RetryPolicy
 from ..ratelimit import Limits, LocalRateLimiter, RetryBudget, limits_table
 from ..records import Request, Result
@@ -80,11 +80,7 @@ class OnlineExecutor:
         summary.throttled = limiter.throttled_by_code
         summary.paused_seconds = limiter.gate.paused_seconds
         summary.rate_control = limiter.describe()
-        if stop.error is not None:
-            raise stop.error
-        if stop.requested:
-            raise Interrupted(f"stopped by {stop.signal_name}: {len(sink.done) + summary.rows:,} rows are committed "
-                              f"in {sink.parts_dir}", hint="run the same command again to finish the job")
+        stop.raise_if_stopped(len(sink.done) + summary.rows, sink.parts_dir)
         return Finish(rows_seen=counts.rows_seen)
 
 

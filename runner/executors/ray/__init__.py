@@ -49,7 +49,7 @@ import ray  # noqa: E402, I001
 from ray.exceptions import RayActorError  # noqa: E402
 
 from ...cost import NoPrice  # noqa: E402
-from ...errors import Interrupted, RunnerError  # noqa: E402
+from ...errors import RunnerError  # noqa: E402
 from ...records import Request, Result  # noqa: E402
 from ...row_sender import SourceCounts, feed  # noqa: E402
 from .. import Finish, JobRun, Stop, commit_as_they_come, first_runner_error  # noqa: E402
@@ -180,11 +180,7 @@ class RayExecutor:
             job.notice(f"{counts.resent_after_loss:,} rows were sent again after their Ray actor was lost"
                        + (f"; {counts.duplicates:,} answers came twice and were committed once"
                           if counts.duplicates else ""))
-        if stop.error is not None:
-            raise stop.error
-        if stop.requested:
-            raise Interrupted(f"stopped by {stop.signal_name}: {len(sink.done) + summary.rows:,} rows are committed "
-                              f"in {sink.parts_dir}", hint="run the same command again to finish the job")
+        stop.raise_if_stopped(len(sink.done) + summary.rows, sink.parts_dir)
         return Finish(rows_seen=counts.rows_seen)
 
 
