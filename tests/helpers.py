@@ -138,6 +138,19 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> Non
         time.sleep(0.01)
 
 
+def sent_inside_a_retry_after_gate(emu: Emulator, requests: int) -> list[dict]:
+    """For a run whose first request was answered 429 with Retry-After: 2 (emulator fail_first=1,
+    retry_after=2, request_log): checks that exactly one 429 and `requests` requests in all reached the
+    emulator, and returns the requests that arrived while the gate should have held them back. Requests
+    sent before the runner had read the 429 may land just after it was answered: half a second is far more
+    than that takes, and far less than the 1.5 s a runner ignoring the gate would fill."""
+    log = emu.stats(keys=False, log=True)["log"]
+    throttled = [e for e in log if e["status"] == 429]
+    assert len(throttled) == 1 and len(log) == requests
+    closed = throttled[0]["answered"]
+    return [e for e in log if closed + 0.5 < e["arrived"] < closed + 2.0]
+
+
 def read_output(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 

@@ -8,7 +8,7 @@ import time
 
 
 from runner.emulator import Emulator, EmulatorConfig
-from tests.helpers import make_job, read_output, run_cli, start_cli, wait_until, write_prompts
+from tests.helpers import make_job, read_output, sent_inside_a_retry_after_gate, run_cli, start_cli, wait_until, write_prompts
 
 
 def test_known_rpm_is_respected(tmp_path, make_emulator):
@@ -92,14 +92,7 @@ def test_a_retry_after_gate_lets_no_request_start_before_it_opens(tmp_path, make
     job = make_job(tmp_path, emu, run={"concurrency": 8, "adaptive_rate": True, "cooldown_seconds": 0.25})
     result = run_cli("run", str(job))
     assert result.code == 0, result.stderr
-    log = emu.stats(keys=False, log=True)["log"]
-    throttled = [e for e in log if e["status"] == 429]
-    assert len(throttled) == 1 and len(log) == 41
-    closed = throttled[0]["answered"]
-    # Requests sent before the runner had read the 429 may land just after it was answered; half a second
-    # is far more than that takes, and far less than the 1.5 s a runner ignoring the gate would fill.
-    early = [e for e in log if closed + 0.5 < e["arrived"] < closed + 2.0]
-    assert early == []
+    assert sent_inside_a_retry_after_gate(emu, 41) == []
     assert all(r["status"] == "ok" for r in read_output(tmp_path / "out/result.parquet"))
 
 

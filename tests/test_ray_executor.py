@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import TEST_KEY, make_job, read_output, run_cli, start_cli, wait_until, write_prompts
+from tests.helpers import TEST_KEY, make_job, read_output, sent_inside_a_retry_after_gate, run_cli, start_cli, wait_until, write_prompts
 from tests.test_cost import _committed_cost
 
 # Ray binds loopback only, as every test server here (its default on Linux is the machine's address);
@@ -146,14 +146,7 @@ def test_a_retry_after_seen_by_one_actor_pauses_every_actor(tmp_path, make_emula
     result = run_cli("run", str(job), "--ray-address", ray_address)
     assert result.code == 0, result.stderr
     assert "ray: 2 row actors" in result.stderr
-    log = emu.stats(keys=False, log=True)["log"]
-    throttled = [e for e in log if e["status"] == 429]
-    assert len(throttled) == 1 and len(log) == 41
-    closed = throttled[0]["answered"]
-    # Requests sent before the actors heard of the 429 (reports go every 0.1 s) may land just after it was
-    # answered; half a second is far more than that takes, and far less than the 1.5 s it would fill otherwise.
-    early = [e for e in log if closed + 0.5 < e["arrived"] < closed + 2.0]
-    assert early == []
+    assert sent_inside_a_retry_after_gate(emu, 41) == []
     summary = json.loads((tmp_path / "out/result.summary.json").read_text())
     assert sum(summary["throttled"].values()) == 1 and summary["paused_seconds"] >= 1.9
 

@@ -39,17 +39,11 @@ Answered = list[tuple[int, list[Result]]]
 PortableError = tuple[Any, str, str | None] | None
 
 
-class SealedKey:
-    """The API key as the driver hands it to the row actors: it pickles (ApiKey refuses to, so that a key
-    never leaves a process by accident), and shows itself as a mask everywhere else."""
+class SealedKey(ApiKey):
+    """The API key as the driver hands it to the row actors: an ApiKey (masked in every repr, str and
+    format) that pickles, where ApiKey refuses to so that a key never leaves a process by accident."""
 
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return "SealedKey('***')"
@@ -57,7 +51,7 @@ class SealedKey:
     __str__ = __repr__
 
     def __reduce__(self):
-        return (SealedKey, (self._value,))
+        return (SealedKey, (self.reveal(),))
 
 
 def portable(error: BaseException) -> PortableError:
