@@ -240,8 +240,8 @@ def hard(bench: Bench) -> None:
         for contender, keys in (("limits configured", {"rpm": RPM, "tpm": tpm}), ("default", DEFAULT),
                                 ("naive", NAIVE)):
             # The naive loop is a baseline of rates, measured up to a shorter cap: it would take the longest.
-            limit = cap if contender != "naive" else min(cap, bench.size(180, 60))
-            result, snap = run_one(bench, url, folder, contender.split()[0], limit, settle=True, concurrency=128,
+            contender_cap = cap if contender != "naive" else min(cap, bench.size(180, 60))
+            result, snap = run_one(bench, url, folder, contender.split()[0], contender_cap, settle=True, concurrency=128,
                                    max_error_rate=1, **keys)
             admitted = snap["series"]["admitted"]
             span = rr.active_seconds(snap["series"]["arrived"])
