@@ -38,8 +38,10 @@ def parse_line(item: dict[str, Any]) -> Completion | CallError:
     """One output or error file line -> the answer, or the error it records."""
     response = item.get("response") if isinstance(item.get("response"), dict) else {}
     status = response.get("status_code")
+    if not isinstance(status, int) or isinstance(status, bool):
+        status = None  # a line whose status is not a number: its row fails, the table keeps its types
     body = response.get("body")
-    request_id = response.get("request_id") or item.get("id")
+    request_id = next((v for v in (response.get("request_id"), item.get("id")) if isinstance(v, str) and v), None)
     headers = {"x-request-id": request_id} if isinstance(request_id, str) else {}
     error = item.get("error") if isinstance(item.get("error"), dict) else None
     if status == 200 and isinstance(body, dict) and error is None:
