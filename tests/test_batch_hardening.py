@@ -7,9 +7,8 @@ says (raw bytes, so anything an HTTP peer can send) or passes it to the project'
 
 from __future__ import annotations
 
-import gzip
 import json
-import socket
+import re
 import socketserver
 import threading
 from dataclasses import dataclass
@@ -285,3 +284,178 @@ def test_a_malformed_batch_output_file_becomes_error_rows(tmp_path):
     assert odd.http_status is None and odd.request_id is None and odd.error_type == "PermanentCallError"
     table = results_to_table(results, result_schema((pa.field("n", pa.int64()),)))
     assert table.num_rows == 6 and table.column("status").to_pylist() == ["ok"] + ["error"] * 5
+
+
+# -- 1, end to end: a garbled create answer ---------------------------------------------------------------
+
+def upstream_of(emu: Emulator) -> str:
+    return emu.openai_base_url.removesuffix("/compatible-mode/v1")
+
+
+def test_a_create_carried_out_but_answered_garbled_is_found_not_sent_again(tmp_path, make_emulator):
+    """POST /batches reaches the server but its answer is an HTML page: the run looks the batch up, follows it
+    to the end and never creates a second one."""
+    emu = make_emulator(**FAST_BATCHES)
+    garbled: list[str] = []
+
+    def answer(req: Req) -> bytes | None:
+        if req.method == "POST" and req.path.endswith("/batches") and not garbled:
+            req.forward()  # the batch exists now
+            garbled.append(req.path)
+            return http(200, "<html>proxy error</html>", {"Content-Type": "text/html"})
+        return None
+
+    write_prompts(tmp_path / "prompts.jsonl", 20)
+    with Front(answer, upstream_of(emu)) as front:
+        job = make_job(tmp_path, endpoint={"base_url": front.url}, run=BATCH_RUN)
+        result = run_cli("run", str(job), "--quiet")
+    assert result.code == 0, result.stderr
+    assert garbled and emu.stats(keys=False)["batches"]["created"] == 1
+    rows = pq.read_table(tmp_path / "out" / "result.parquet").to_pylist()
+    assert len(rows) == 20 and {r["status"] for r in rows} == {"ok"}
+
+
+# -- 2. a key the server echoes is scrubbed everywhere -----------------------------------------------------
+
+def echo_of(req: Req) -> str:
+    auth = req.headers.get("authorization", "")
+    return f"you sent Authorization: {auth} (key {auth.removeprefix('Bearer ')})"
+
+
+def strings_in_table(path: Path) -> str:
+    return json.dumps(pq.read_table(path).to_pylist(), default=str)
+
+
+def test_a_key_echoed_in_batch_objects_and_answer_files_is_in_no_output(tmp_path, make_emulator):
+    """A server that quotes the Authorization header in the batch object (errors, metadata) and in every error
+    line of its files: the key is in no stdout/stderr, state file (at any step), output row or summary."""
+    emu = make_emulator(batch_line_fault_rate=0.3, **FAST_BATCHES)
+    state_path = tmp_path / "out" / "result.parquet.parts" / "batch-state.json"
+    states: list[str] = []
+
+    def answer(req: Req) -> bytes | None:
+        if state_path.exists():
+            states.append(state_path.read_text())
+        if req.method == "GET" and "/batches/" in req.path:
+            status, _, body = req.forward()
+            batch = json.loads(body)
+            batch["errors"] = {"object": "list", "data": [{"code": "echo", "message": echo_of(req)}]}
+            batch["metadata"] = {"echo": echo_of(req)}
+            return http(status, batch)
+        if req.method == "GET" and req.path.endswith("/content"):
+            status, _, body = req.forward()
+            echoed = re.sub(rb'"message":\s*"', f'"message": "{echo_of(req)} '.encode(), body)
+            return http(status, echoed, {"Content-Type": "application/jsonl"})
+        return None
+
+    write_prompts(tmp_path / "prompts.jsonl", 40)
+    with Front(answer, upstream_of(emu)) as front:
+        job = make_job(tmp_path, endpoint={"base_url": front.url}, run=BATCH_RUN)
+        result = run_cli("run", str(job), key=CANARY)
+    assert result.code == 0, result.stderr
+    assert CANARY not in result.stdout + result.stderr
+    assert states and all(CANARY not in state for state in states)
+    assert any("you sent Authorization: Bearer ***" in state for state in states)  # the echo was there
+    rows = strings_in_table(tmp_path / "out" / "result.parquet")
+    assert CANARY not in rows and "you sent Authorization: Bearer ***" in rows
+    summaries = list((tmp_path / "out").glob("*.json"))
+    assert summaries and all(CANARY not in p.read_text() for p in summaries)
+
+
+def live_state(parts: Path, base_url: str, batch_id: str = "batch_live") -> None:
+    """A batch state naming one running batch on `base_url`, as a run leaves it when it is killed."""
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / "batch-state.json").write_text(json.dumps({
+        "first_created_at": 1.0, "endpoint": {"dialect": "openai", "base_url": base_url, "emulator": False},
+        "batches": [{"seq": 1, "model": "qwen-plus", "thinking": None, "rows": 3, "bytes": 300,
+                     "input_file_id": "file-1", "batch_id": batch_id, "status": "in_progress"}]}))
+
+
+@pytest.mark.parametrize("status", [400, 401, 500])
+def test_status_and_cancel_errors_do_not_repeat_an_echoed_key(tmp_path, status):
+    """`runner status` and `runner cancel` against a server whose every error quotes the Authorization header:
+    one-line errors, exit 1, and the key in neither stream."""
+    def answer(req: Req) -> bytes:
+        return http(status, {"error": {"code": "InvalidParameter", "message": echo_of(req)}})
+
+    write_prompts(tmp_path / "prompts.jsonl", 3)
+    with Front(answer) as front:
+        job = make_job(tmp_path, endpoint={"base_url": front.url}, run=BATCH_RUN)
+        live_state(tmp_path / "out" / "result.parquet.parts", front.url)
+        shown = run_cli("status", str(job), key=CANARY)
+        cancelled = run_cli("cancel", str(job), key=CANARY)
+    for result in (shown, cancelled):
+        assert result.code == 1, result.stderr
+        assert CANARY not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert shown.stderr.startswith("error: ") and len(shown.stderr.splitlines()) == 2  # error and hint
+    if status != 401:  # a 401 is the usual "refused the credentials" error, which quotes nothing
+        assert "Bearer ***" in shown.stderr and "Bearer ***" in cancelled.stdout
+
+
+# -- 3. no credentials in a base URL -----------------------------------------------------------------------
+
+SECRET_URL = f"http://runner:{PASSWORD}@127.0.0.1:9/compatible-mode/v1"
+
+
+def assert_refused_quietly(result) -> None:
+    assert result.code == 2, (result.stdout, result.stderr)
+    assert PASSWORD not in result.stdout + result.stderr and "runner:" not in result.stderr
+    assert "user name or password" in result.stderr and "DASHSCOPE_API_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_base_url_with_credentials_in_the_job_file_is_refused(tmp_path):
+    """[endpoint] base_url with user:password@ is exit 2 for every command that reads the job, and the
+    password is not repeated."""
+    write_prompts(tmp_path / "prompts.jsonl", 3)
+    job = make_job(tmp_path, endpoint={"base_url": SECRET_URL})
+    for args in (["run"], ["run", "--executor", "batch"], ["validate"], ["status"], ["cancel"]):
+        assert_refused_quietly(run_cli(args[0], str(job), *args[1:]))
+    with pytest.raises(SpecError) as caught:
+        load_job(job)
+    assert "[endpoint] base_url" in caught.value.message and PASSWORD not in str(caught.value)
+
+
+def test_a_base_url_with_credentials_as_a_flag_is_refused(tmp_path):
+    """--base-url with user:password@ is exit 2 for run, validate, status and cancel, password unrepeated."""
+    write_prompts(tmp_path / "prompts.jsonl", 3)
+    job = make_job(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/compatible-mode/v1"})
+    for command in ("run", "validate", "status", "cancel"):
+        result = run_cli(command, str(job), "--base-url", SECRET_URL)
+        assert_refused_quietly(result)
+        assert "--base-url" in result.stderr
+
+
+def test_a_base_url_with_credentials_in_a_state_file_is_refused(tmp_path):
+    """A hand-edited batch state whose recorded base_url holds user:password@: status, cancel and a batch run
+    stop with exit 2 naming the state file, without the password."""
+    write_prompts(tmp_path / "prompts.jsonl", 3)
+    job = make_job(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/compatible-mode/v1"}, run=BATCH_RUN)
+    live_state(tmp_path / "out" / "result.parquet.parts", SECRET_URL)
+    for args in (["status"], ["status", "--offline"], ["cancel"], ["run"]):
+        result = run_cli(args[0], str(job), *args[1:])
+        assert_refused_quietly(result)
+        assert "batch-state.json: the recorded endpoint base_url" in result.stderr
+
+
+def test_an_endpoint_built_in_code_refuses_credentials_too():
+    """EndpointSpec itself refuses a base_url with userinfo (library users skip load_job), password unrepeated."""
+    with pytest.raises(SpecError) as caught:
+        EndpointSpec(base_url=SECRET_URL)
+    assert PASSWORD not in caught.value.message and PASSWORD not in str(caught.value.hint)
+    assert EndpointSpec(base_url="http://127.0.0.1:9/compatible-mode/v1").base_url
+
+
+def test_the_runner_reads_no_proxy_variables(tmp_path, make_emulator):
+    """What the README says: proxy variables pointing nowhere change nothing, online and in batch mode (so
+    there is no place for proxy credentials to leak from, and none to put them)."""
+    emu = make_emulator(**FAST_BATCHES)
+    write_prompts(tmp_path / "prompts.jsonl", 5)
+    nowhere = "http://127.0.0.1:9"
+    env = {name: nowhere for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                                      "all_proxy")}
+    env.update(NO_PROXY="", no_proxy="")
+    for executor in ("online", "batch"):
+        job = make_job(tmp_path, emu, name=executor, run=BATCH_RUN, output={"path": f"out/{executor}.parquet"})
+        result = run_cli("run", str(job), "--quiet", "--executor", executor, env=env)
+        assert result.code == 0, result.stderr
