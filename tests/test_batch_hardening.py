@@ -34,6 +34,7 @@ from runner.emulator import Emulator, EmulatorConfig
 from tests.helpers import make_job, run_cli, write_prompts
 from tests.test_batch import plan, request
 from tests.test_batch_e2e import ManualClock
+from tests.test_batch_status import STILL, _start_batches
 
 CANARY = "sk-canary-5ec2e7-do-not-print"  # an API key that must show up nowhere
 PASSWORD = "pw-canary-77d1"  # a password in a base URL that must show up nowhere
@@ -459,3 +460,39 @@ def test_the_runner_reads_no_proxy_variables(tmp_path, make_emulator):
         job = make_job(tmp_path, emu, name=executor, run=BATCH_RUN, output={"path": f"out/{executor}.parquet"})
         result = run_cli("run", str(job), "--quiet", "--executor", executor, env=env)
         assert result.code == 0, result.stderr
+
+
+def test_a_state_whose_rows_file_is_gone_is_an_error_line(tmp_path):
+    """A killed run's parts folder missing a batch's rows sidecar (a half-copied folder): the rerun is a
+    one-line error naming the file, not a pyarrow traceback."""
+    out = tmp_path / "out" / "result.parquet"
+    with Emulator(STILL, clock=ManualClock()) as emu:
+        job, proc = _start_batches(tmp_path, emu, out, rows=20, lines=20)
+        proc.kill()
+        proc.wait(10)
+        (out.with_name(out.name + ".parts") / "batch-0001.rows.parquet").unlink()
+        result = run_cli("run", str(job), "--quiet", "--output", str(out), "--base-url", emu.openai_base_url)
+    assert result.code == 1, result.stderr
+    assert result.stderr.startswith("error: ") and "batch-0001.rows.parquet: cannot read the rows of batch-0001" \
+        in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda state: state.update(batches={"seq": 1}), '"batches" is not a list'),
+    (lambda state: state["batches"][0].pop("seq"), "batch 1 has no seq (int)"),
+    (lambda state: state["batches"][0].update(batch_id=7), "batch 1: batch_id is not text"),
+    (lambda state: state["batches"][0].update(times={"created_at": "yesterday"}), "times are not whole seconds"),
+])
+def test_a_hand_edited_state_of_the_wrong_shape_is_an_error_line(tmp_path, edit, problem):
+    """A batch state whose fields have the wrong type is `cannot read the batch state (...)`, not a traceback."""
+    write_prompts(tmp_path / "prompts.jsonl", 3)
+    job = make_job(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/compatible-mode/v1"}, run=BATCH_RUN)
+    parts = tmp_path / "out" / "result.parquet.parts"
+    live_state(parts, "http://127.0.0.1:9/compatible-mode/v1")
+    state = json.loads((parts / "batch-state.json").read_text())
+    edit(state)
+    (parts / "batch-state.json").write_text(json.dumps(state))
+    result = run_cli("status", str(job), "--offline")
+    assert result.code == 1 and "cannot read the batch state" in result.stderr and problem in result.stderr, \
+        result.stderr
+    assert "Traceback" not in result.stderr

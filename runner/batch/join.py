@@ -15,13 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow.parquet as pq
 
 from ..clients import classify_answer, openai_compat
 from ..cost import PriceBook
 from ..errors import CallError, PermanentCallError, RunnerError, TransientCallError
 from ..records import STATUS_ERROR, STATUS_OK, Completion, Request, Result
-from .render import SIDECAR_COLUMNS, custom_id
+from .render import SIDECAR_COLUMNS, custom_id, read_sidecar
 from .state import BatchRecord
 
 NOT_RUN_MESSAGES = {
@@ -83,7 +82,7 @@ def _stamp(seconds: int | None) -> datetime | None:
 
 def join_batch(record: BatchRecord, folder: Path, prices: PriceBook) -> list[Result]:
     """The Results of every row of a finished, downloaded batch, in row order."""
-    rows = pq.read_table(record.rows_path(folder)).to_pylist()
+    rows = read_sidecar(record.rows_path(folder)).to_pylist()
     by_id = {custom_id(row["row_id"], row["key"]): row for row in rows}
     outcomes: dict[str, Completion | CallError] = {}
     for path in (record.output_path(folder), record.errors_path(folder)):
