@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from .endpoint_names import key_env_problem, resolve_host
 from .errors import SpecError
@@ -114,6 +115,12 @@ class EndpointSpec:
     # Set by `runner run --emulator` (never by a job file): base_url is the built-in emulator's, whose port
     # changes every run, so the job fingerprint names the emulator instead of the URL.
     emulator: bool = False
+
+    def __post_init__(self) -> None:
+        # load_job and the flags refuse it with the key's name; this holds for a spec built in code too.
+        problem = base_url_syntax_problem(self.base_url) if self.base_url else None
+        if problem is not None and problem.credentials:
+            raise SpecError(f"EndpointSpec base_url: {problem.message}", hint=problem.hint)
 
 
 @dataclass(frozen=True)
@@ -249,10 +256,43 @@ def _check_override(name: str, value: Any) -> None:
         bad = _unencodable_text(value)
         if bad is not None:
             raise SpecError(f"{where}: not valid UTF-8 text ({bad})")
-    if name == "base_url" and not value.startswith(("http://", "https://")):
-        raise SpecError(f"{where}: expected an http:// or https:// URL, got {value!r}")
+    if name == "base_url" and (problem := base_url_syntax_problem(value)):
+        raise SpecError(f"{where}: {problem.message}", hint=problem.hint)
     if name == "model" and not value.strip():
         raise SpecError(f"{where}: expected a model name, got an empty string")
+
+
+@dataclass(frozen=True)
+class UrlProblem:
+    message: str  # never repeats a user name or password the URL holds
+    hint: str | None = None
+    credentials: bool = False  # the URL holds userinfo
+
+
+def base_url_syntax_problem(value: str, *, key_env: str = "DASHSCOPE_API_KEY") -> UrlProblem | None:
+    """Why `value` cannot be a base_url: not http(s), no host, a bad port, or a user name or password before
+    the host. A URL holding credentials is refused and never repeated: it would be printed in progress lines,
+    hints and `runner status`, and recorded in the batch state (the runner sends no proxy either: neither
+    transport reads HTTP(S)_PROXY)."""
+    scheme, sep, rest = value.partition("://")
+    authority = (rest if sep else value).split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" in authority:
+        shown = f"{scheme}://***@{authority.rpartition('@')[2]}" if sep else "***@" + authority.rpartition("@")[2]
+        return UrlProblem(f"it holds a user name or password before the host ({shown}); credentials do not belong "
+                          "in a URL, which the runner prints and records",
+                          hint=f"remove the user:password@ part; the API key comes from the environment variable "
+                               f"{key_env} (or [endpoint] api_key_file); the runner connects to the host directly and reads no "
+                               "proxy variables", credentials=True)
+    if not value.startswith(("http://", "https://")):
+        return UrlProblem(f"expected an http:// or https:// URL, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        return UrlProblem(f"not a valid URL ({exc}), got {value!r}")
+    if not parts.hostname:
+        return UrlProblem(f"expected a host after {scheme}://, got {value!r}")
+    return None
 
 
 def template_fields(template: str) -> tuple[str, ...]:
@@ -547,8 +587,10 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
             resolve_host(region, workspace)
         except ValueError as exc:
             _raise(fail("endpoint", "region", str(exc)))
-    elif not base_url.startswith(("http://", "https://")):
-        _raise(fail("endpoint", "base_url", f"expected an http:// or https:// URL, got {base_url!r}"))
+    elif (problem := base_url_syntax_problem(base_url, key_env=get("endpoint", "api_key_env", "DASHSCOPE_API_KEY"))):
+        error = fail("endpoint", "base_url", problem.message)
+        error.hint = problem.hint
+        _raise(error)
     key_env = get("endpoint", "api_key_env", "DASHSCOPE_API_KEY")
     if key_env_problem(key_env):
         _raise(fail("endpoint", "api_key_env", key_env_problem(key_env)))

@@ -15,13 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow.parquet as pq
 
 from ..clients import classify_answer, openai_compat
 from ..cost import PriceBook
 from ..errors import CallError, PermanentCallError, RunnerError, TransientCallError
 from ..records import STATUS_ERROR, STATUS_OK, Completion, Request, Result
-from .render import SIDECAR_COLUMNS, custom_id
+from .render import SIDECAR_COLUMNS, custom_id, read_sidecar
 from .state import BatchRecord
 
 NOT_RUN_MESSAGES = {
@@ -38,8 +37,10 @@ def parse_line(item: dict[str, Any]) -> Completion | CallError:
     """One output or error file line -> the answer, or the error it records."""
     response = item.get("response") if isinstance(item.get("response"), dict) else {}
     status = response.get("status_code")
+    if not isinstance(status, int) or isinstance(status, bool):
+        status = None  # a line whose status is not a number: its row fails, the table keeps its types
     body = response.get("body")
-    request_id = response.get("request_id") or item.get("id")
+    request_id = next((v for v in (response.get("request_id"), item.get("id")) if isinstance(v, str) and v), None)
     headers = {"x-request-id": request_id} if isinstance(request_id, str) else {}
     error = item.get("error") if isinstance(item.get("error"), dict) else None
     if status == 200 and isinstance(body, dict) and error is None:
@@ -81,7 +82,7 @@ def _stamp(seconds: int | None) -> datetime | None:
 
 def join_batch(record: BatchRecord, folder: Path, prices: PriceBook) -> list[Result]:
     """The Results of every row of a finished, downloaded batch, in row order."""
-    rows = pq.read_table(record.rows_path(folder)).to_pylist()
+    rows = read_sidecar(record.rows_path(folder)).to_pylist()
     by_id = {custom_id(row["row_id"], row["key"]): row for row in rows}
     outcomes: dict[str, Completion | CallError] = {}
     for path in (record.output_path(folder), record.errors_path(folder)):

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ..clients import openai_compat
 from ..cost import PriceBook
+from ..errors import SinkError
 from ..records import Request, Result, unsent_result
 from ..sink import DoneRows
 from ..spec import RunSpec
@@ -208,6 +209,18 @@ def covered_rows(state: BatchState) -> RowSet:
     rows = RowSet()
     for record in state.pending:
         path = record.rows_path(state.folder)
-        for row_id in pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist():
+        for row_id in read_sidecar(path, columns=["row_id"]).column("row_id").to_pylist():
             rows.add(row_id)
     return rows
+
+
+def read_sidecar(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A batch file's rows sidecar; SinkError when it is gone or damaged (a hand-edited or half-copied parts
+    folder), not a pyarrow traceback."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise SinkError(f"{path}: cannot read the rows of {path.name.split('.')[0]} ({detail})",
+                        hint="it is written with the batch state and needed to join that batch's answers; restore "
+                             "it (`runner status JOB --offline` lists what the state records)") from None

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SinkError
+from ..errors import SinkError, SpecError
+from ..spec import base_url_syntax_problem
 
 STATE_FILE = "batch-state.json"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -80,8 +81,8 @@ class BatchRecord:
         self.output_file_id = batch.get("output_file_id") or self.output_file_id
         self.error_file_id = batch.get("error_file_id") or self.error_file_id
         errors = batch.get("errors")
-        if isinstance(errors, dict):
-            self.errors = [e for e in errors.get("data") or () if isinstance(e, dict)]
+        if isinstance(errors, dict) and isinstance(errors.get("data"), list):
+            self.errors = [e for e in errors["data"] if isinstance(e, dict)]
         for key, value in batch.items():
             if key.endswith("_at") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.times[key] = int(value)
@@ -118,9 +119,16 @@ class BatchState:
             raise SinkError(f"{path}: cannot read the batch state ({exc})",
                             hint="it records the batches this job created; restore it, or check them with the "
                                  "console before using --restart") from None
+        unreadable = _shape_problem(data)
+        if unreadable:
+            raise SinkError(f"{path}: cannot read the batch state ({unreadable})",
+                            hint="it records the batches this job created; restore it, or check them with the "
+                                 "console before using --restart")
         fields = {f.name for f in dataclasses.fields(BatchRecord)}
         records = [BatchRecord(**{k: v for k, v in item.items() if k in fields}) for item in data.get("batches", ())]
         endpoint = data.get("endpoint")
+        if isinstance(endpoint, dict) and isinstance(endpoint.get("base_url"), str):
+            check_recorded_base_url(endpoint["base_url"], path)
         return cls(folder, records, data.get("first_created_at"), endpoint if isinstance(endpoint, dict) else None)
 
     def save(self) -> None:
@@ -150,3 +158,41 @@ class BatchState:
     def live(self) -> list[BatchRecord]:
         """Batches that exist on the server and have not ended."""
         return [r for r in self.records if r.batch_id and not r.terminal]
+
+
+# What a record must hold for the runner to read it (a hand-edited state must not become a traceback).
+_REQUIRED = {"seq": int, "model": str, "rows": int, "bytes": int}
+_OPTIONAL_TEXT = ("input_file_id", "batch_id", "status", "output_file_id", "error_file_id")
+
+
+def _shape_problem(data: object) -> str | None:
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    batches = data.get("batches", [])
+    if not isinstance(batches, list):
+        return '"batches" is not a list'
+    for number, item in enumerate(batches, start=1):
+        if not isinstance(item, dict):
+            return f"batch {number} is not a JSON object"
+        for name, kind in _REQUIRED.items():
+            if not isinstance(item.get(name), kind) or isinstance(item.get(name), bool):
+                return f"batch {number} has no {name} ({kind.__name__})"
+        for name in _OPTIONAL_TEXT:
+            if item.get(name) is not None and not isinstance(item[name], str):
+                return f"batch {number}: {name} is not text"
+        for name, kind in (("request_counts", dict), ("times", dict), ("errors", list)):
+            if item.get(name) is not None and not isinstance(item[name], kind):
+                return f"batch {number}: {name} is not a {'list' if kind is list else 'JSON object'}"
+        if not all(isinstance(v, int) for v in (item.get("times") or {}).values()):
+            return f"batch {number}: times are not whole seconds"
+        if not all(isinstance(e, dict) for e in item.get("errors") or ()):
+            return f"batch {number}: errors are not JSON objects"
+    return None
+
+
+def check_recorded_base_url(url: str, path: Path) -> None:
+    """A recorded base_url is used as --base-url would be (runner status / cancel): the same rules, and a
+    message that does not repeat a password a hand edit put into it."""
+    problem = base_url_syntax_problem(url)
+    if problem is not None:
+        raise SpecError(f"{path}: the recorded endpoint base_url: {problem.message}", hint=problem.hint)
