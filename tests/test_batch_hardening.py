@@ -23,14 +23,13 @@ import pytest
 
 from runner.batch.api import BatchApi, BatchApiError
 from runner.batch.join import join_batch
-from runner.batch.render import custom_id, plan_batches
-from runner.batch.state import BatchRecord, BatchState
+from runner.batch.render import custom_id
 from runner.cost import PriceBook
 from runner.endpoints import ApiKey
 from runner.errors import SpecError
 from runner.records import result_schema, results_to_table
 from runner.spec import EndpointSpec, load_job
-from runner.emulator import Emulator, EmulatorConfig
+from runner.emulator import Emulator
 from tests.helpers import make_job, run_cli, write_prompts
 from tests.test_batch import plan, request
 from tests.test_batch_e2e import ManualClock

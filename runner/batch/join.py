@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-
 from ..clients import classify_answer, openai_compat
 from ..cost import PriceBook
 from ..errors import CallError, PermanentCallError, RunnerError, TransientCallError
