@@ -5,7 +5,7 @@ stops there at its retry budget).
 
     python tests/bench/bench_ratelimit.py [--scenario NAME ...] [--quick] [--json results.json]
 
-Scenarios (default: all; --quick: smaller sizes, about 5 minutes in all; full: about 15):
+Scenarios (default: all; --quick: smaller sizes, about 5 minutes in all; full: about 26, hard 12.5 of them):
   background  no limit, 3% and 10% background 429s (rate-independent), 100 ms, concurrency 256, 20,000 rows:
               throughput default / adaptive_rate=false (>= 0.85); the default finishes in one run.
   clean       no limit, no faults, 100/500 ms x concurrency 256/1,024, 20,000 rows: throughput default /
