@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .clients.transport_errors import scrub
 from .endpoints import CHAT_PATHS, DIALECT_ROOTS, ApiKey
 from .errors import CallError, EndpointNotFound, NotFound, RunnerError
 from .records import Completion, Request
@@ -72,14 +73,15 @@ class EndpointGuard:
         return completion
 
     def _scrub(self, error: CallError | RunnerError) -> None:
-        """Replace the key wherever the endpoint's answer quoted it (message, hint, args)."""
+        """Replace the key wherever the endpoint's answer quoted it (message, hint, args), in every spelling
+        the transports' own messages are scrubbed of (as is, escaped, percent-encoded): one mask, `***`."""
         secret = self._secret
-        if not secret or secret not in str(error.args) + str(getattr(error, "hint", "")):
+        if not secret:
             return
-        error.message = error.message.replace(secret, "sk-***")
-        error.args = tuple(a.replace(secret, "sk-***") if isinstance(a, str) else a for a in error.args)
+        error.message = scrub(error.message, (secret,))
+        error.args = tuple(scrub(a, (secret,)) if isinstance(a, str) else a for a in error.args)
         if isinstance(error, RunnerError) and error.hint:
-            error.hint = error.hint.replace(secret, "sk-***")
+            error.hint = scrub(error.hint, (secret,))
 
     def verdict(self, error: NotFound, model: str) -> EndpointNotFound | None:
         """The run-level error when this 404 means the job is wrong; None when it is only this row's."""
