@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import string
 import tomllib
@@ -23,6 +22,9 @@ from .endpoint_names import key_env_problem, resolve_host
 from .errors import SpecError
 from .object_store import ADDRESSING, ObjectStoreSettings, ObjectUri, looks_like_uri
 from .records import RESERVED_COLUMNS
+from .spec_keys import (BATCH_MAX_BYTES, BATCH_MAX_DESCRIPTION, BATCH_MAX_LINES, BOUNDS, FLAG_KEYS, INT,
+                        MAX_MODELS, MAX_VARIANTS, MODEL_PARAMS, NUM, PRICE_KEYS, SECRET_NEIGHBOURS, SECTIONS,
+                        STR, describe_value, type_ok, unencodable_text, unusable_value)
 from .structured import load_schema, property_fields
 
 DIALECTS = ("openai", "dashscope")
@@ -30,28 +32,8 @@ MODES = ("online", "batch")
 # How a job's rows are sent: [run] executor (or its older name, [run] mode, which stays). "ray" needs the
 # runner[ray] extra; it is imported only when a job chooses it.
 EXECUTORS = (*MODES, "ray")
-# Batch API limits (API facts 7.2, 7.3): the defaults, and the ceilings a job may not raise them above.
-BATCH_MAX_LINES = 50_000
-BATCH_MAX_BYTES = 500 * 1024 * 1024
-BATCH_MAX_DESCRIPTION = 200
 TRANSPORTS = ("aiohttp", "httpx")
-DAY = 86_400.0
-HOUR = 3_600.0
-# Each request in flight holds a connection (a file descriptor: the usual soft limit is 1,024, often
-# raised to 65,536), its body and its answer (tens of KB, more for long answers), and DashScope's own
-# limits (30,000 RPM at best, about 500 requests a second) keep at most a few thousand requests in
-# flight at the latencies LLM calls have. Ten thousand is past any real need; a billion (a typo)
-# would grow the run by ~180 MB/s until the machine runs out of memory.
-MAX_CONCURRENCY = 10_000
-# Far above any account's limits, low enough that rate arithmetic (tokens x seconds) stays finite.
-MAX_RPM = 1e8
-MAX_TPM = 1e11
-# Fan-out ([model] names, [[input.variants]], [model] samples): each input row becomes up to
-# MAX_MODELS x MAX_VARIANTS x MAX_SAMPLES output rows. Far past an eval's or a dataset's needs; the
-# bounds keep a typo (samples = 1000000) from turning one row into a million paid requests.
-MAX_MODELS = 100
-MAX_VARIANTS = 100
-MAX_SAMPLES = 100
+
 
 
 @dataclass(frozen=True)
@@ -241,7 +223,7 @@ def _check_override(name: str, value: Any) -> None:
     """A flag's value gets the checks of the job-file key it overrides (the same bounds table)."""
     where = f"--{name.replace('_', '-')}"
     if name in FLAG_KEYS:
-        problem = BOUNDS[("run", name)].problem(value, integer=_SECTIONS["run"][name] == _INT)
+        problem = BOUNDS[("run", name)].problem(value, integer=SECTIONS["run"][name] == INT)
         if problem:
             raise SpecError(f"{where}: {problem}, got {value}")
     if name == "mode" and value not in EXECUTORS:
@@ -253,7 +235,7 @@ def _check_override(name: str, value: Any) -> None:
     if name == "dialect" and value not in DIALECTS:
         raise SpecError(f"{where}: expected one of {', '.join(DIALECTS)}, got {value!r}")
     if isinstance(value, str):
-        bad = _unencodable_text(value)
+        bad = unencodable_text(value)
         if bad is not None:
             raise SpecError(f"{where}: not valid UTF-8 text ({bad})")
     if name == "base_url" and (problem := base_url_syntax_problem(value)):
@@ -311,180 +293,6 @@ def template_fields(template: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-# --- the key table -----------------------------------------------------------------------------
-
-_STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "true or false"
-_PATH_OR_TABLE = "a path (a string) or an inline table"
-# Keys whose wrong-typed value is not shown back: a key pasted there must not be echoed.
-_SECRET_NEIGHBOURS = ("api_key_env", "api_key_file")
-_STREAM = 'true, false or "auto"'
-
-# Generation parameters accepted under [model], with the type each must have. They are sent under
-# these names (DashScope spells them the same in both dialects).
-MODEL_PARAMS: dict[str, str] = {
-    "temperature": _NUM, "top_p": _NUM, "top_k": _INT, "max_tokens": _INT,
-    "max_completion_tokens": _INT, "seed": _INT, "stop": "a string or a list of strings",
-    "enable_thinking": _BOOL, "thinking_budget": _INT, "presence_penalty": _NUM,
-    "frequency_penalty": _NUM, "repetition_penalty": _NUM, "response_format": "a table",
-    "enable_search": _BOOL, "max_input_tokens": _INT,
-}
-PRICE_KEYS = ("price_input", "price_output", "price_cached_input", "price_thinking_output")
-
-_SECTIONS: dict[str, dict[str, str]] = {
-    "input": {"path": _STR, "id_column": _STR, "prompt_column": _STR, "messages_column": _STR,
-              "template": _STR, "system_prompt": _STR, "keep_columns": "a list of strings",
-              "model_column": _STR, "params_column": _STR, "fail_on_empty": _BOOL,
-              "variants": "a list of tables", "s3_endpoint": _STR, "s3_region": _STR, "s3_anonymous": _BOOL,
-              "s3_addressing": _STR},
-    "endpoint": {"dialect": _STR, "region": _STR, "base_url": _STR, "workspace": _STR,
-                 "api_key_env": _STR, "api_key_file": _STR, "timeout": _NUM,
-                 "connect_timeout": _NUM, "stream_idle_timeout": _NUM, "read_timeout": _NUM, "transport": _STR,
-                 "api_key": "never set here"},
-    "model": {"name": _STR, "names": "a list of strings", "samples": _INT, "params": "a table",
-              **MODEL_PARAMS, "extra": "a table", "stream": _STREAM,
-              "stream_only_models": "a list of strings", **{k: _NUM for k in PRICE_KEYS}},
-    "run": {"concurrency": _INT, "max_attempts": _INT, "backoff_initial": _NUM, "backoff_max": _NUM,
-            "retry_after_max": _NUM, "max_error_rate": _NUM, "limit": _INT, "part_rows": _INT,
-            "part_seconds": _NUM, "drain_seconds": _NUM, "rpm": _NUM, "tpm": _NUM, "limits": "a table",
-            "adaptive_rate": _BOOL, "expected_output_tokens": _INT, "cooldown_seconds": _NUM,
-            "retry_budget": _NUM, "max_cost": _NUM, "mode": _STR, "completion_window": _STR,
-            "batch_fallback_after": _STR, "batch_poll_seconds": _NUM, "batch_max_lines": _INT,
-            "batch_max_bytes": _INT, "batch_description": _STR, "reask_attempts": _INT, "executor": _STR,
-            "ray_address": _STR, "ray_runtime_env": "a table"},
-    "output": {"path": _STR, "json_schema": _PATH_OR_TABLE, "parsed_columns": _BOOL},
-}
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The values a numeric key may take: `low` to `high` (above `low` when `low_open`; no upper end when
-    `high` is None). Never nan or inf, which TOML and float flags both accept."""
-
-    low: float
-    high: float | None = None
-    low_open: bool = False
-    why: str = ""  # appended to the error: why the limit is there
-
-    def problem(self, value: float, *, integer: bool) -> str | None:
-        """None when the value is allowed, else what is expected, e.g. "expected an integer from 1 to 10,000"."""
-        too_low = value <= self.low if self.low_open else value < self.low
-        finite = not isinstance(value, float) or math.isfinite(value)  # ints may be huge but are finite
-        if finite and not too_low and (self.high is None or value <= self.high):
-            return None
-        kind = "an integer" if integer else "a number" if self.high is not None else "a finite number"
-        if self.high is None:
-            text = f"{kind} {'>' if self.low_open else '>='} {_number(self.low)}"
-        elif self.low_open:
-            text = f"{kind} > {_number(self.low)} and at most {_number(self.high)}"
-        else:
-            text = f"{kind} from {_number(self.low)} to {_number(self.high)}"
-        return f"expected {text}{f' ({self.why})' if self.why else ''}"
-
-
-def _number(value: float) -> str:
-    return f"{int(value):,}" if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
-
-
-_POSITIVE_SECONDS = Bound(0, DAY, low_open=True)
-_PRICE = Bound(0, 1e6)  # per 1M tokens; the dearest model costs well under 1,000
-# Every numeric key of the job file, and (through `JobSpec.override`) the flags that set the same keys.
-BOUNDS: dict[tuple[str, str], Bound] = {
-    ("endpoint", "timeout"): _POSITIVE_SECONDS,
-    ("endpoint", "connect_timeout"): _POSITIVE_SECONDS,
-    ("endpoint", "stream_idle_timeout"): _POSITIVE_SECONDS,
-    ("endpoint", "read_timeout"): _POSITIVE_SECONDS,
-    **{("model", key): _PRICE for key in PRICE_KEYS},
-    ("model", "samples"): Bound(1, MAX_SAMPLES, why="each sample is a paid answer"),
-    ("run", "concurrency"): Bound(1, MAX_CONCURRENCY, why="each request in flight holds a connection and memory"),
-    ("run", "max_attempts"): Bound(1, 100),
-    ("run", "backoff_initial"): Bound(0, HOUR),
-    ("run", "backoff_max"): Bound(0, HOUR),
-    ("run", "retry_after_max"): Bound(0, DAY),
-    ("run", "max_error_rate"): Bound(0, 1),
-    ("run", "limit"): Bound(0),
-    ("run", "part_rows"): Bound(1, 1_000_000, why="a part's rows are held in memory until it is written"),
-    ("run", "part_seconds"): Bound(0, HOUR, low_open=True),
-    ("run", "drain_seconds"): Bound(0, DAY),
-    ("run", "rpm"): Bound(0, MAX_RPM, low_open=True),
-    ("run", "tpm"): Bound(0, MAX_TPM, low_open=True),
-    ("run", "expected_output_tokens"): Bound(1, 1_000_000),
-    ("run", "cooldown_seconds"): Bound(0, HOUR),
-    ("run", "retry_budget"): Bound(0, 100, low_open=True),
-    ("run", "max_cost"): Bound(0, 1e12, low_open=True),
-    ("run", "batch_poll_seconds"): _POSITIVE_SECONDS,
-    ("run", "batch_max_lines"): Bound(1, BATCH_MAX_LINES, why=f"the Batch API takes at most {BATCH_MAX_LINES:,} lines a file"),
-    ("run", "batch_max_bytes"): Bound(1, BATCH_MAX_BYTES, why=f"the Batch API takes at most {BATCH_MAX_BYTES:,} bytes a file"),
-    ("run", "reask_attempts"): Bound(0, 10, why="each re-ask is a paid request that also resends the answer"),
-}
-# [run.limits] "model" = { rpm = .., tpm = .. } take the same values as [run] rpm and tpm.
-BOUNDS.update({("run.limits", key): BOUNDS[("run", key)] for key in ("rpm", "tpm")})
-# The CLI flags that override a numeric key of [run].
-FLAG_KEYS = ("concurrency", "max_attempts", "rpm", "tpm", "max_cost", "limit", "max_error_rate", "batch_poll_seconds")
-
-
-def _type_ok(expected: str, value: Any) -> bool:
-    if expected == _STR:
-        return isinstance(value, str)
-    if expected == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected == _NUM:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected == _BOOL:
-        return isinstance(value, bool)
-    if expected == _STREAM:
-        return isinstance(value, bool) or value == "auto"
-    if expected == "a table":
-        return isinstance(value, dict)
-    if expected == _PATH_OR_TABLE:
-        return isinstance(value, (str, dict))
-    if expected == "a list of tables":
-        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
-    if expected == "a list of strings":
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if expected.startswith("a string or a list"):
-        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-    return False
-
-
-def _describe(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
-
-
-def _unencodable_text(text: str) -> str | None:
-    """None for text that can be sent (encoded as UTF-8), else where it breaks: a lone surrogate, which a
-    JSON escape ("\\ud800") or an undecodable byte in a command-line argument can produce."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"character {exc.start}: {ascii(text[exc.start])}"
-    return None
-
-
-def _unusable_value(value: Any, at: str) -> tuple[str, str] | None:
-    """Where (`at`, a key path such as extra.a[0]) and why a job-file value is unusable, in nested tables and
-    lists too: nan or inf, which TOML accepts but JSON bodies and rate arithmetic cannot, or text that is
-    not valid UTF-8."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return at, f"expected a finite number, got {value}"
-    if isinstance(value, str):
-        bad = _unencodable_text(value)
-        return (at, f"not valid UTF-8 text ({bad})") if bad else None
-    if isinstance(value, dict):
-        for name, item in value.items():
-            found = _unusable_value(name, f"{at} (a key)") or _unusable_value(item, f"{at}.{ascii(name)[1:-1]}")
-            if found:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _unusable_value(item, f"{at}[{index}]")
-            if found:
-                return found
-    return None
-
-
 def load_job(path: str | Path) -> JobSpec:
     """Read and check a job file. Raises SpecError naming the file and key for any problem."""
     path = Path(path)
@@ -510,27 +318,27 @@ def parse_job(raw: Mapping[str, Any], *, source: Path | None = None) -> JobSpec:
         return SpecError(f"{where}: {at}: {message}" if at else f"{where}: {message}")
 
     for section, body in raw.items():
-        if section not in _SECTIONS:
+        if section not in SECTIONS:
             return _raise(fail(None, None, f"unknown section [{_unechoed(section)}]; expected one of "
-                               + ", ".join(f"[{s}]" for s in _SECTIONS)))
+                               + ", ".join(f"[{s}]" for s in SECTIONS)))
         if not isinstance(body, dict):
-            _raise(fail(section, None, f"expected a table, got {_describe(body)}"))
+            _raise(fail(section, None, f"expected a table, got {describe_value(body)}"))
         for key, value in body.items():
-            expected = _SECTIONS[section].get(key)
+            expected = SECTIONS[section].get(key)
             if key == "api_key" and section == "endpoint":
                 _raise(fail(section, key, "API keys never go in job files; put the key in an environment "
                             "variable and name it with api_key_env (default DASHSCOPE_API_KEY)"))
             if expected is None:
-                _raise(fail(section, key, f"unknown key; expected one of {', '.join(_SECTIONS[section])}"))
-            if not _type_ok(expected, value):
-                shown = "another type" if key in _SECRET_NEIGHBOURS else _describe(value)  # may be a pasted key
+                _raise(fail(section, key, f"unknown key; expected one of {', '.join(SECTIONS[section])}"))
+            if not type_ok(expected, value):
+                shown = "another type" if key in SECRET_NEIGHBOURS else describe_value(value)  # may be a pasted key
                 _raise(fail(section, key, f"expected {expected}, got {shown}"))
             bound = BOUNDS.get((section, key))
             if bound is not None:
-                problem = bound.problem(value, integer=expected == _INT)
+                problem = bound.problem(value, integer=expected == INT)
                 if problem:
-                    _raise(fail(section, key, f"{problem}, got {_describe(value)}"))
-            unusable = _unusable_value(value, key)
+                    _raise(fail(section, key, f"{problem}, got {describe_value(value)}"))
+            unusable = unusable_value(value, key)
             if unusable:
                 _raise(fail(section, *unusable))
 
@@ -714,7 +522,7 @@ def _per_model_params(table: Mapping[str, Any], names: tuple[str, ...], fail) ->
             _raise(fail("model", at, f"not one of the job's models ({', '.join(names)}); [model.params] holds one "
                         'table per model, e.g. [model.params."qwen-max"] temperature = 0'))
         if not isinstance(value, dict):
-            _raise(fail("model", at, f"expected a table of parameters, got {_describe(value)}"))
+            _raise(fail("model", at, f"expected a table of parameters, got {describe_value(value)}"))
         params = {}
         for key, item in value.items():
             expected = "a table" if key == "extra" else MODEL_PARAMS.get(key)
@@ -723,8 +531,8 @@ def _per_model_params(table: Mapping[str, Any], names: tuple[str, ...], fail) ->
             if expected is None:
                 _raise(fail("model", f"{at}.{_unechoed(key)}",
                             f"unknown parameter; expected one of {', '.join(MODEL_PARAMS)} or extra"))
-            if not _type_ok(expected, item):
-                _raise(fail("model", f"{at}.{key}", f"expected {expected}, got {_describe(item)}"))
+            if not type_ok(expected, item):
+                _raise(fail("model", f"{at}.{key}", f"expected {expected}, got {describe_value(item)}"))
             if key == "extra":
                 params.update(item)
             else:
@@ -744,7 +552,7 @@ def _refuse_n(params: Mapping[str, Any], at: str, fail) -> None:
 
 def _variants(items: list, *, inp_uses_messages: bool, fail) -> tuple[VariantSpec, ...]:
     """[[input.variants]]: each a `name` (unique) and its own system_prompt, template and/or messages prefix."""
-    allowed = {"name": _STR, "system_prompt": _STR, "template": _STR, "messages": "a list of tables"}
+    allowed = {"name": STR, "system_prompt": STR, "template": STR, "messages": "a list of tables"}
     variants: list[VariantSpec] = []
     if len(items) > MAX_VARIANTS:
         _raise(fail("input", "variants", f"expected at most {MAX_VARIANTS} variants, got {len(items)}"))
@@ -753,8 +561,8 @@ def _variants(items: list, *, inp_uses_messages: bool, fail) -> tuple[VariantSpe
         for key, value in item.items():
             if key not in allowed:
                 _raise(fail("input", f"{at}.{_unechoed(key)}", f"unknown key; expected one of {', '.join(allowed)}"))
-            if not _type_ok(allowed[key], value):
-                _raise(fail("input", f"{at}.{key}", f"expected {allowed[key]}, got {_describe(value)}"))
+            if not type_ok(allowed[key], value):
+                _raise(fail("input", f"{at}.{key}", f"expected {allowed[key]}, got {describe_value(value)}"))
         name = item.get("name")
         if name is None or not name.strip():
             _raise(fail("input", f"{at}.name", "missing; every variant needs a name (it is the output's variant)"))
@@ -848,11 +656,11 @@ def _model_limits(table: Mapping[str, Any], fail) -> dict[str, tuple[float | Non
             _raise(fail("run", f"limits.{model}", "expected a table with rpm and/or tpm, e.g. "
                         '"qwen-max" = { rpm = 600, tpm = 1000000 }'))
         for key, number in value.items():
-            if not _type_ok(_NUM, number):
-                _raise(fail("run", f"limits.{model}.{key}", f"expected a number, got {_describe(number)}"))
+            if not type_ok(NUM, number):
+                _raise(fail("run", f"limits.{model}.{key}", f"expected a number, got {describe_value(number)}"))
             problem = BOUNDS[("run.limits", key)].problem(number, integer=False)
             if problem:
-                _raise(fail("run", f"limits.{model}.{key}", f"{problem}, got {_describe(number)}"))
+                _raise(fail("run", f"limits.{model}.{key}", f"{problem}, got {describe_value(number)}"))
         limits[model] = (value.get("rpm"), value.get("tpm"))
     return limits
 

@@ -7,7 +7,7 @@ import re
 import click
 
 from runner.cli import main
-from runner.spec import _SECTIONS
+from runner.spec_keys import SECTIONS
 from tests.helpers import ROOT
 
 
@@ -29,7 +29,7 @@ def test_quickstart_has_two_commands_and_ci_runs_the_second():
 def test_every_job_key_is_documented():
     """Every key the job file accepts is in jobs/README.md."""
     doc = (ROOT / "jobs" / "README.md").read_text()
-    for section, keys in _SECTIONS.items():
+    for section, keys in SECTIONS.items():
         assert f"`[{section}]`" in doc
         for key in keys:
             if key != "api_key":

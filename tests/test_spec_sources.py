@@ -168,10 +168,10 @@ def test_corrupt_parquet(tmp_path):
 def test_every_numeric_key_has_a_bound_and_flags_share_them():
     """Every integer or number key of the job file (generation parameters aside) has a range in BOUNDS, and every
     flag that overrides one is checked against the same entry."""
-    from runner.spec import _INT, _NUM, _SECTIONS, BOUNDS, FLAG_KEYS, MODEL_PARAMS
+    from runner.spec_keys import BOUNDS, FLAG_KEYS, INT, MODEL_PARAMS, NUM, SECTIONS
 
-    numeric = {(section, key) for section, keys in _SECTIONS.items() for key, kind in keys.items()
-               if kind in (_INT, _NUM) and key not in MODEL_PARAMS}
+    numeric = {(section, key) for section, keys in SECTIONS.items() for key, kind in keys.items()
+               if kind in (INT, NUM) and key not in MODEL_PARAMS}
     assert numeric - set(BOUNDS) == set()
     assert {("run", key) for key in FLAG_KEYS} <= set(BOUNDS)
 
