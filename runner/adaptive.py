@@ -393,10 +393,8 @@ class AdaptiveRate:
             self._undo(test, share)
             self._classify(False)
             return False
-        if test is not None and (not excess or share < 0.7 * test.share_before):
-            # The cut cured it, or cut the share it met by a third or more: throttling that answers our rate
-            # is a limit, not background.
-            self._confirmed_at = now
+        if test is not None and not excess:
+            self._confirmed_at = now  # the cut cured it: a limit, not background
         if not excess and share < self.background:  # learned upwards only by an undone cut
             self.background += (0.5 if test is not None else 0.05) * (share - self.background)
         if not excess:
