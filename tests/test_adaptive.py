@@ -4,6 +4,8 @@ throttling its own rate causes from background throttling."""
 
 from __future__ import annotations
 
+import pytest
+
 from runner.adaptive import AdaptiveRate, start_window_for
 from tests.ratesim import SimClient, SimClock, SimServer, accepted_rate, simulate
 
@@ -171,3 +173,32 @@ def test_startup_grows_by_round_trips_steeply_only_when_they_are_long():
     (long,) = _run(lambda now: None, latency=0.5, concurrency=1024, seconds=0.51, start_window=128)
     assert long.rate.window >= 0.95 * 1024
     assert start_window_for(128) == 16 and start_window_for(1024) == 128 and start_window_for(16) == 8
+
+
+def _staggered(limit, delay, *, seed, seconds=60.0):
+    """Two runners (concurrency 64 each, as benched) on one limit, the second started `delay` seconds after
+    the first (a second job on the account); runs `seconds` after the second starts."""
+    clock = SimClock()
+    server = SimServer(lambda now: limit, 0.0, seed=seed)
+    first = SimClient(AdaptiveRate(clock, start_window=start_window_for(64)), 64, 0.05, 0.2)
+    second = SimClient(AdaptiveRate(clock, start_window=start_window_for(64)), 0, 0.05, 0.2)
+    simulate(server, [first, second], clock, seconds=delay)
+    second.rate, second.concurrency = AdaptiveRate(clock, start_window=start_window_for(64)), 64
+    simulate(server, [first, second], clock, seconds=seconds)
+    return first, second
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a latecomer on a limit already in use gets 3-49% of it, not "
+                   "its half (proportional cuts on a shared drain, growth ~sqrt(rate), the first runner's cut "
+                   "undone as background during the latecomer's startup flood)")
+def test_a_latecomer_on_a_shared_limit_gets_its_share():
+    """A second runner started 2 s after the first, which already uses the whole limit (100/s or 500/s):
+    over seconds 20-60 after its start each gets >= 35% of the limit, together >= 90%, under 2% of
+    requests throttled. Measured on the current controller: the latecomer gets 0.33-0.49 at 100/s and
+    0.03-0.33 at 500/s (the first keeps 0.7-0.97)."""
+    for limit in (100, 500):
+        for seed in (1, 2, 3, 4):
+            first, second = _staggered(limit, 2.0, seed=seed)
+            shares = [accepted_rate(c, 22, 62) / limit for c in (first, second)]
+            assert min(shares) >= 0.35 and sum(shares) >= 0.9
+            assert _share_429([first, second]) < 0.02
