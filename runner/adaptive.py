@@ -14,7 +14,8 @@ window still being answered is judged at once when it already holds more 429s th
 could give. An excess window cuts the rate to 95% of what the endpoint accepts (the share it accepted
 of the requests sent after the window's first 429, when the server's allowance was spent; never below
 half, x0.9 at most, x0.7 for BurstRate), and the window after the cut is the test: if the share did
-not fall, the throttling was background, the cut is undone and the background share learned. Between
+not fall and its 429s were not bunched in time (as a competitor's burst on the same limit bunches
+them), the throttling was background, the cut is undone and the background share learned. Between
 cuts the rate grows while it is what holds requests back, slowly just after a cut and faster the
 longer no cut was needed (so a limit that is raised again is found within seconds).
 
@@ -90,6 +91,10 @@ class _Window:
     drained_from: float | None = None  # when the first throttled request was sent
     drained_answers: int = 0
     drained_accepted: int = 0
+    # When its throttled requests were sent (the first and last): background throttling spreads them over
+    # the window, a spent allowance (ours, or a competitor's burst on the same limit) bunches them.
+    throttled_first: float | None = None
+    throttled_last: float | None = None
 
 
 @dataclass
@@ -297,6 +302,9 @@ class AdaptiveRate:
             if throttled:
                 window.throttled += 1
                 window.burst = window.burst or code in BURST_CODES
+                if sent_at is not None:
+                    window.throttled_first = min(window.throttled_first or sent_at, sent_at)
+                    window.throttled_last = max(window.throttled_last or sent_at, sent_at)
             if window.drained_from is not None and sent_at is not None and sent_at > window.drained_from:
                 window.drained_answers += 1
                 window.drained_accepted += accepted
@@ -389,7 +397,7 @@ class AdaptiveRate:
             excess = force or window.burst or share > self.background + self._margin(window.answers)
         test, self._test = self._test, None
         if test is not None and not (force or window.burst) and excess and self._unchanged(test, share, window.answers) \
-                and now - self._confirmed_at > CONFIRMED_SECONDS:
+                and now - self._confirmed_at > CONFIRMED_SECONDS and not _bunched(window, now):
             self._undo(test, share)
             self._classify(False)
             return False
@@ -477,6 +485,19 @@ class AdaptiveRate:
                 "startup": self.startup, "cuts": self.cuts, "undone_cuts": self.undone,
                 "background_share": round(self.background, 4),
                 "throttled_rate_caused": self.rate_caused, "throttled_background": self.background_throttled}
+
+
+def _bunched(window: _Window, now: float) -> bool:
+    """Whether a window's throttled requests were sent within so short a part of it that throttling
+    independent of time would do so less than once in a hundred windows (k throttles all inside a fraction f
+    of the window: about k * f^(k-1)): a spent allowance, not background."""
+    if window.throttled < 3 or window.throttled_first is None or window.throttled_last is None:
+        return False
+    span = (window.sealed_at or now) - window.start
+    if span <= 0:
+        return False
+    fraction = min(1.0, (window.throttled_last - window.throttled_first) / span)
+    return window.throttled * fraction ** (window.throttled - 1) < 0.01
 
 
 def start_window_for(concurrency: int | None) -> float:

@@ -19,6 +19,8 @@ Scenarios (default: all; --quick: smaller sizes, about 5 minutes in all; full: a
               429s < 2% over the run; against rpm configured at the starting limit.
   shared      two runner processes (two keys) on one RPM 6,000 limit at once: combined accepted
               rate >= 90% of the limit, each >= 35%, 429s < 2%; against each configured with half.
+  latecomer   (beyond the issue) a second runner started 5 s after the first on one 500/s limit: the
+              latecomer's share from 20 s after its start (>= 35%).
   faulty      10% each of 429 (Retry-After 1 s), 500 and 503, 5,000 rows, concurrency 128: the default
               finishes in one run (not stopped: every row written, ok or failed after max_attempts;
               exit 0, or 3 when rows ran out of attempts, as the reference's do at 30% faults over 6
@@ -377,6 +379,49 @@ def shared(bench: Bench) -> None:
         stop_emulator(emulator)
 
 
+def latecomer(bench: Bench) -> None:
+    """Beyond the issue's acceptance: a second job starting on a limit the first already uses whole."""
+    rows, cap, delay = bench.size(20_000, 8_000), bench.size(120, 60), 5.0
+    rpm = 30_000  # 500/s: where the simulation shows a latecomer's slow climb
+    limit = rpm / 60
+    folder = bench.folder_for("latecomer")
+    rr.write_prompts(folder, rows)
+    keys = {"sk-bench-a": "...ch-a", "sk-bench-b": "...ch-b"}  # the emulator's labels: the last 4 characters
+    emulator, url = start_emulator(50.0, (), "--rpm", str(rpm))
+    try:
+        rr.reset(url)
+        time.sleep(1.5)
+        jobs = [write_job(folder, url, f"late-{key[-1]}", concurrency=64, max_error_rate=1,
+                          drain_seconds=rr.DRAIN_SECONDS) for key in keys]
+        deadline = time.monotonic() + cap
+        runs = [rr.launch(jobs[0], "sk-bench-a")]
+        time.sleep(delay)
+        runs.append(rr.launch(jobs[1], "sk-bench-b"))
+        results = rr.finish(runs, deadline)
+        snap = rr.stats(url)
+        clients = snap["clients"]
+        spans = [rr.active_seconds(clients[label]["series"]["arrived"]) if label in clients else None
+                 for label in keys.values()]
+        row: dict[str, Any] = {"contender": "default", "runs": results, "requests": snap["requests"],
+                               "delay_s": delay, "limit_per_s": limit}
+        share_429 = rr.rejected_share(snap)
+        shares = None
+        if all(spans):
+            start, end = spans[1][0] + 20, min(s[1] for s in spans)  # from 20 s after the latecomer starts
+            if end - start >= 5:
+                shares = [rr.window_rate(clients[label]["series"]["admitted"], start, end) / limit
+                          for label in keys.values()]
+                row["window_s"] = [start, end]
+        row.update(shares=shares and [round(x, 3) for x in shares], share_429=share_429 and round(share_429, 4))
+        bench.record("latecomer", row, f"{limit:g}/s, 2nd {delay:g} s later",
+                     "first / latecomer " + ("-" if not shares else " / ".join(f"{100 * x:.1f}%" for x in shares))
+                     + f" (from 20 s after its start to the first end), 429s {rr.fmt(share_429 and 100 * share_429, '.2f')}%")
+        bench.target("latecomer", "(beyond the issue) a job started on a limit in use gets >= 35% of it",
+                     shares and f"{shares[1]:.1%} (first: {shares[0]:.1%})", None if shares is None else shares[1] >= 0.35)
+    finally:
+        stop_emulator(emulator)
+
+
 def faulty(bench: Bench) -> None:
     rows, cap = bench.size(5_000, 1_000), bench.size(300, 75)
     folder = bench.folder_for("faulty")
@@ -410,7 +455,8 @@ def faulty(bench: Bench) -> None:
 
 
 SCENARIOS: dict[str, Callable[[Bench], None]] = {"background": background, "clean": clean, "hard": hard,
-                                                 "moving": moving, "shared": shared, "faulty": faulty}
+                                                 "moving": moving, "shared": shared, "faulty": faulty,
+                                                 "latecomer": latecomer}
 
 
 def report(bench: Bench) -> None:
