@@ -2,8 +2,9 @@
 
 The rule, for a 404 (or the native "Model not exist." 400) from the chat endpoint:
 
-- the provider says the model is unknown, for the job's own model ([model] name or --model), and no
-  request for that model has succeeded in this run: the job is wrong, stop the run (EndpointNotFound);
+- the provider says the model is unknown, for one of the job's own models ([model] name or --model, or
+  any of [model] names), and no request for that model has succeeded in this run: the job is wrong,
+  stop the run (EndpointNotFound);
 - the same for a model a row names itself (model_column): only that row fails (error_type NotFound),
   so one misspelled model among good ones costs its own rows, not the run;
 - a 404 that does not name the model (the path is unknown: a wrong base_url, a proxy without the
@@ -38,13 +39,14 @@ class _Client(Protocol):
 class EndpointGuard:
     """Wraps a chat client (ChatClient) with the rule above; everything else passes through."""
 
-    __slots__ = ("_client", "_dialect", "_job_model", "_path_works", "_models_work", "_secret")
+    __slots__ = ("_client", "_dialect", "_job_models", "_path_works", "_models_work", "_secret")
 
-    def __init__(self, client: _Client, *, dialect: str, job_model: str, api_key: ApiKey | None = None) -> None:
+    def __init__(self, client: _Client, *, dialect: str, job_models: tuple[str, ...],
+                 api_key: ApiKey | None = None) -> None:
         self._client = client
         self._secret = api_key.reveal() if api_key is not None else ""
         self._dialect = dialect
-        self._job_model = job_model
+        self._job_models = frozenset(job_models)
         self._path_works = False
         self._models_work: set[str] = set()
 
@@ -88,12 +90,17 @@ class EndpointGuard:
         said = f"HTTP {error.http_status}" + (f" {error.code}" if error.code else "") + \
             (f": {error.message}" if error.message else "")
         if error.what == "model":
-            if model != self._job_model or model in self._models_work:
+            if model not in self._job_models or model in self._models_work:
                 return None
+            if len(self._job_models) > 1:
+                # The other models' answers may be committed, and a changed model list is another job.
+                again = "then run again with --restart (rows the other models already answered are sent again)"
+            else:
+                again = "then run the same command again"
             return EndpointNotFound(
                 f"model {model!r} not found at {self.url} ({said})",
-                hint="check the model name ([model] name or --model; names are case-sensitive) and that "
-                     "this region serves it, then run the same command again")
+                hint="check the model name ([model] name, names or --model; names are case-sensitive) and that "
+                     f"this region serves it, {again}")
         if self._path_works:
             return None
         dialect = self._dialect

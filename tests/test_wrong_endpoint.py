@@ -170,6 +170,31 @@ def test_misspelled_job_model_stops_the_run(tmp_path, emulator, dialect, model, 
     assert len(rows) == 60 and {r["status"] for r in rows} == {"ok"} and {r["model"] for r in rows} == {fixed}
 
 
+def test_a_misspelled_model_among_names_stops_the_run(tmp_path, emulator):
+    """[model] names with the second one misspelled: the run stops at that model's first answers (exit 1
+    naming it, and saying a fixed list needs --restart), not after failing a third of the rows; the rerun
+    with the names fixed and --restart writes every (row, model) once."""
+    write_prompts(tmp_path / "prompts.jsonl", 60)
+    job = make_job(tmp_path, emulator, model={"names": ["qwen-plus", "qwen-plux", "qwen-flash"]},
+                   run={"concurrency": CONCURRENCY})
+    out = tmp_path / "out/result.parquet"
+    result = run_cli("run", str(job))
+    stats = emulator.stats(keys=False)
+    assert result.code == 1, result.stderr
+    assert "Traceback" not in result.stderr and "model 'qwen-plux' not found" in result.stderr
+    assert "check the model name" in result.stderr and "--restart" in result.stderr
+    assert 1 <= stats["by_model"].get("qwen-plux", 0) <= CONCURRENCY
+    assert stats["requests"] < 180 and not out.exists()
+
+    fixed = make_job(tmp_path, emulator, model={"names": ["qwen-plus", "qwen-max", "qwen-flash"]},
+                     run={"concurrency": CONCURRENCY})
+    rerun = run_cli("run", str(fixed), "--restart")
+    assert rerun.code == 0, rerun.stderr
+    rows = read_output(out)
+    assert len(rows) == 180 and {r["status"] for r in rows} == {"ok"}
+    assert sorted((r["key"], r["model"]) for r in rows) == sorted(
+        (f"row-{i:05d}", m) for i in range(60) for m in ("qwen-plus", "qwen-max", "qwen-flash"))
+
 def test_one_misspelled_row_model_fails_only_its_rows(tmp_path, emulator):
     """With a model column, rows naming an unknown model become NotFound error rows (even when they come
     first) and the rows of good models succeed; the run is not stopped."""
@@ -213,7 +238,7 @@ def _guarded_outcomes(answers: list[tuple[int, bytes]], models: list[str]) -> li
         outcomes = []
         async with ChatClient(spec, ApiKey(TEST_KEY), max_connections=2,
                               transport=httpx.MockTransport(handler)) as client:
-            guard = EndpointGuard(client, dialect="openai", job_model="qwen-plus")
+            guard = EndpointGuard(client, dialect="openai", job_models=("qwen-plus", "qwen-max"))
             for i, model in enumerate(models):
                 request = Request(row_id=i, key=str(i), model=model, messages=({"role": "user", "content": "x"},))
                 try:
@@ -234,6 +259,8 @@ def _guarded_outcomes(answers: list[tuple[int, bytes]], models: list[str]) -> li
     pytest.param([OK, MODEL_404], ["qwen-plus", "qwen-plus"], ["ok", "row"], id="job-model-404-after-success"),
     pytest.param([MODEL_404, MODEL_404], ["qwen-plux", "qwen-plux"], ["row", "row"], id="row-model-unknown"),
     pytest.param([OK, MODEL_404], ["qwen-flash", "qwen-plus"], ["ok", "stop"], id="job-model-unknown-after-other"),
+    pytest.param([OK, MODEL_404], ["qwen-plus", "qwen-max"], ["ok", "stop"], id="second-job-model-unknown"),
+    pytest.param([OK, MODEL_404], ["qwen-max", "qwen-max"], ["ok", "row"], id="second-job-model-404-after-success"),
     pytest.param([PATH_404], ["qwen-plus"], ["stop"], id="path-unknown-first"),
     pytest.param([OK, PATH_404], ["qwen-flash", "qwen-plus"], ["ok", "row"], id="path-404-after-success"),
 ])

@@ -68,7 +68,7 @@ class OnlineExecutor:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(feed, job.source, sink.done, counts, stop, req_send, res_send.clone())
                     # A 404 before anything worked stops the run, not every row; keys quoted back are removed.
-                    guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_model=spec.model.name,
+                    guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_models=spec.model.all_names,
                                             api_key=job.api_key)
                     sender = RowSender(guarded, policy, job.sleep, stop, limiter, retry_budget,
                                spec.run.expected_output_tokens, prices, spend, structured.for_job(spec))

@@ -161,7 +161,7 @@ class RowActor:
                             streaming=StreamPolicy(spec.model.stream, spec.model.stream_only_models))
         await client.__aenter__()
         self._client = client
-        guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_model=spec.model.name, api_key=key)
+        guarded = EndpointGuard(client, dialect=spec.endpoint.dialect, job_models=spec.model.all_names, api_key=key)
         prices = PriceBook(spec.endpoint.region, job_model=spec.model.name, overrides=spec.model.prices)
         spend = SharedBudget(self.limiter) if spec.run.max_cost is not None else None
         # Judged only past four rounds of this actor's requests in flight, as online.
