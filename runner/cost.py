@@ -9,6 +9,7 @@ cost from usage. When the next reservation would cross the budget, the run stops
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -85,6 +86,10 @@ class PriceBook:
         if model not in self._cache:
             self._cache[model] = self._lookup(model)
         return self._cache[model]
+
+    def near_names(self, model: str) -> list[str]:
+        """Listed models whose names are close to `model` (a typo's likely meaning), best first."""
+        return difflib.get_close_matches(model, list(self._models), n=2, cutoff=0.8)
 
     def _lookup(self, model: str) -> Price | None:
         # Snapshots and aliases (qwen-plus-latest, qwen-plus-2025-07-28) take the longest listed prefix.

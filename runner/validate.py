@@ -49,6 +49,8 @@ class ValidationReport:
     currency: str = ""
     prices_as_of: str | None = None
     unpriced_models: set = field(default_factory=set)
+    # An unpriced model whose name is close to a listed one: model -> the listed names (a likely typo).
+    near_names: dict = field(default_factory=dict)
     output_exists: bool = False
     output_unwritable: str | None = None  # why `runner run` could not write the output folder
     unfinished_run: bool = False
@@ -85,6 +87,9 @@ class ValidationReport:
         if self.unpriced_models:
             lines.append(f"warning    no price for {', '.join(sorted(self.unpriced_models))}: not in the estimate "
                          "(set [model] price_input and price_output)")
+        for model, near in sorted(self.near_names.items()):
+            lines.append(f"warning    model {model!r} is not in the price table: did you mean "
+                         f"{' or '.join(repr(n) for n in near)}?")
         if self.duplicate_keys:
             lines.append(f"warning    {self.duplicate_keys:,} rows repeat an earlier id "
                          f"(first: {self.first_duplicate!r}); rows are tracked by position, ids are only copied")
@@ -175,6 +180,9 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
         report.output_tokens_expected += expected
         if price is None:
             report.unpriced_models.add(request.model)
+            near = prices.near_names(request.model)
+            if near:
+                report.near_names[request.model] = near
         else:
             # The estimate errs by up to ~25% either way on input; output between expected and the cap.
             low += (input_tokens * 0.8 * price.input + expected * price.output) / PER_TOKENS

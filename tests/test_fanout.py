@@ -293,6 +293,17 @@ def test_validate_prints_the_expanded_rows_and_their_cost(tmp_path):
     assert "USD estimated" in result.stdout
 
 
+def test_validate_names_the_model_a_typo_probably_meant(tmp_path):
+    """A model in [model] names that the price table does not list but one it lists is close to: validate
+    asks whether that one was meant; a model far from every listed name gets only the no-price warning."""
+    write_prompts(tmp_path / "prompts.jsonl", 5)
+    job = fanout_job(tmp_path, None, model={"names": ["qwen-plus", "qwen-plux", "my-own-model"], "samples": 1})
+    result = run_cli("validate", str(job))
+    assert result.code == 0, result.stderr
+    assert "model 'qwen-plux' is not in the price table: did you mean 'qwen-plus'?" in result.stdout
+    assert "no price for my-own-model, qwen-plux" in result.stdout
+    assert "'my-own-model' is not in the price table" not in result.stdout
+
 def test_emulator_answers_n_choices_and_counts_their_tokens(emulator):
     """The emulator answers n = 3 with three choices and usage for all of them; n = 5 is a 400."""
     url = emulator.openai_base_url + "/chat/completions"
