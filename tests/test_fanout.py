@@ -262,19 +262,21 @@ def test_batch_mode_gives_the_online_table(tmp_path, make_emulator):
 
 
 def test_error_rate_gate_is_per_model_and_names_the_model(tmp_path, make_emulator):
-    """One model failing every row fails --max-error-rate 0.5 though the run as a whole is at 33%; the message
-    names that model, and the summary reports each model and variant."""
+    """One model failing every row (qwq-plus answers only streamed requests, and the job turns streaming
+    off) fails --max-error-rate 0.5 though the run as a whole is at 33%; the message names that model, and
+    the summary reports each model and variant."""
     emu = make_emulator()
     write_prompts(tmp_path / "prompts.jsonl", 10)
-    job = fanout_job(tmp_path, emu, model={"names": ["qwen-plus", "qwen-max", "no-such-model"], "samples": 1},
+    job = fanout_job(tmp_path, emu, model={"names": ["qwen-plus", "qwen-max", "qwq-plus"], "samples": 1,
+                                           "stream": False, "stream_only_models": []},
                      run={"max_error_rate": 0.5})
     result = run_cli("run", str(job))
-    assert result.code == 3
-    assert "error: model no-such-model: 20 of 20 rows failed (100.00%)" in result.stderr
+    assert result.code == 3, result.stderr
+    assert "error: model qwq-plus: 20 of 20 rows failed (100.00%)" in result.stderr
     assert "model qwen-plus" not in result.stderr.replace("model      qwen-plus", "")
     assert "variant    terse: 30 rows  ok 20  failed 10" in result.stderr
     summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
-    assert summary["models"]["no-such-model"]["failed"] == 20 and summary["models"]["qwen-max"]["failed"] == 0
+    assert summary["models"]["qwq-plus"]["failed"] == 20 and summary["models"]["qwen-max"]["failed"] == 0
     assert set(summary["models"]["qwen-max"]["latency_ms"]) == {"p50", "p90", "p99"}
     assert summary["variants"]["plain"]["rows"] == 30
     text = run_cli("summary", str(tmp_path / "out" / "result.parquet"))
