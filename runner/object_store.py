@@ -2,11 +2,12 @@
 
 The object is read through pyarrow's S3FileSystem on the machine that runs `runner run`, streamed:
 Parquet by ranged reads of the row groups it needs, text formats as one sequential download per pass.
-Where the store is and how to sign come from `[input] s3_endpoint`, `s3_region`, `s3_addressing` and
-`s3_anonymous`; credentials come ONLY from the environment, the AWS way (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), never from the job file. They are read here and handed
-to pyarrow explicitly, so it never falls back to ~/.aws files or a cloud metadata service (whose probe
-also costs seconds on a machine that has none).
+Where the store is and how to sign come from `[input] s3_endpoint`, `s3_region`, `s3_addressing`,
+`s3_anonymous` and `s3_credentials`; credentials never come from the job file. By default they come
+only from the environment, the AWS way (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN):
+read here and handed to pyarrow explicitly, so it never falls back to ~/.aws files or a cloud metadata
+service (whose probe also costs seconds on a machine that has none). `s3_credentials = "aws-chain"`
+opts into that fallback, the AWS SDK's default chain, for machines that hold a role or a profile.
 
 Every error from the store becomes a one-line SourceError naming the URI (exit 2). pyarrow's own text
 is never shown whole: it is classified (not found, no such bucket, access denied, cannot connect) and
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
 SCHEME = "s3://"
 ADDRESSING = ("path", "virtual")
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# [input] s3_credentials: "environment" (the default) takes only the AWS_* variables above, and stops the
+# run without them; "aws-chain" lets the AWS SDK in pyarrow look where AWS tools look (those variables,
+# AWS_PROFILE and ~/.aws, web identity, a container's or an EC2 instance's role), for machines that
+# hold a role rather than keys. Either way nothing secret is in the job file.
+CREDENTIAL_SOURCES = ("environment", "aws-chain")
 # Any "scheme://" at the start of a path: a URI, not a file name (a local file is never written so).
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CREDENTIALS_HINT = ("credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) "
@@ -78,6 +84,7 @@ class ObjectStoreSettings:
     region: str | None = None
     anonymous: bool = False
     addressing: str | None = None  # "path" or "virtual"; None: the default for the endpoint (see addressing_for)
+    credentials: str = "environment"  # one of CREDENTIAL_SOURCES
 
     def addressing_for(self) -> str:
         """OSS answers only virtual-hosted requests (bucket.s3.oss-cn-hangzhou.aliyuncs.com); pyarrow's default for a
@@ -169,6 +176,10 @@ class ObjectInput:
             if self.settings.anonymous:
                 return "access denied (anonymous)", ("the bucket is not public: remove [input] s3_anonymous and set "
                                                      "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+            if self.settings.credentials == "aws-chain":
+                return "access denied (credentials from the AWS chain)", (
+                    "the AWS SDK's chain found none this store accepts: check AWS_PROFILE and ~/.aws/credentials, "
+                    "the AWS_* variables, or the machine's role")
             return "access denied", _CREDENTIALS_HINT
         if "NETWORK_CONNECTION" in upper or "CURLCODE" in upper or "COULD NOT CONNECT" in upper:
             where = self.settings.endpoint or "Amazon S3"
@@ -221,6 +232,8 @@ def _filesystem(uri: ObjectUri, settings: ObjectStoreSettings):
         options["force_virtual_addressing"] = True
     if settings.anonymous:
         options["anonymous"] = True
+    elif settings.credentials == "aws-chain":
+        pass  # pyarrow's S3FileSystem without keys uses the AWS SDK's default provider chain
     else:
         key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
         if not key_id or not secret:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from .endpoint_names import key_env_problem, resolve_host
 from .errors import SpecError
-from .object_store import ADDRESSING, ObjectStoreSettings, ObjectUri, looks_like_uri
+from .object_store import ADDRESSING, CREDENTIAL_SOURCES, ObjectStoreSettings, ObjectUri, looks_like_uri
 from .records import RESERVED_COLUMNS
 from .spec_keys import (BATCH_MAX_BYTES, BATCH_MAX_DESCRIPTION, BATCH_MAX_LINES, BOUNDS, FLAG_KEYS, INT,
                         MAX_MODELS, MAX_VARIANTS, MODEL_PARAMS, NUM, PRICE_KEYS, SECRET_NEIGHBOURS, SECTIONS,
@@ -689,8 +689,9 @@ def _input_path(base: Path, text: str, fail) -> Path | ObjectUri:
 
 
 def _object_store(section: Mapping[str, Any], remote: bool, fail) -> ObjectStoreSettings:
-    """[input] s3_endpoint, s3_region, s3_anonymous, s3_addressing: only with an s3:// path."""
-    given = [key for key in ("s3_endpoint", "s3_region", "s3_anonymous", "s3_addressing") if key in section]
+    """[input] s3_endpoint, s3_region, s3_anonymous, s3_addressing, s3_credentials: only with an s3:// path."""
+    given = [key for key in ("s3_endpoint", "s3_region", "s3_anonymous", "s3_addressing", "s3_credentials")
+             if key in section]
     if given and not remote:
         _raise(fail("input", given[0], "only applies to an s3:// path; this input is a local file"))
     endpoint = section.get("s3_endpoint")
@@ -702,8 +703,14 @@ def _object_store(section: Mapping[str, Any], remote: bool, fail) -> ObjectStore
     region = section.get("s3_region")
     if region is not None and not region.strip():
         _raise(fail("input", "s3_region", "expected a region name, e.g. us-east-1, got an empty string"))
+    credentials = section.get("s3_credentials", "environment")
+    if credentials not in CREDENTIAL_SOURCES:
+        _raise(fail("input", "s3_credentials", f"expected one of {', '.join(CREDENTIAL_SOURCES)}, got {credentials!r}"))
+    if credentials != "environment" and section.get("s3_anonymous"):
+        _raise(fail("input", "s3_credentials", "s3_anonymous = true reads without credentials; set one or the other"))
     return ObjectStoreSettings(endpoint=endpoint.rstrip("/") if endpoint else None, region=region,
-                               anonymous=section.get("s3_anonymous", False), addressing=addressing)
+                               anonymous=section.get("s3_anonymous", False), addressing=addressing,
+                               credentials=credentials)
 
 
 def _join(base: Path, relative: str) -> Path:

@@ -56,7 +56,7 @@ SECTIONS: dict[str, dict[str, str]] = {
               "template": STR, "system_prompt": STR, "keep_columns": "a list of strings",
               "model_column": STR, "params_column": STR, "fail_on_empty": BOOL,
               "variants": "a list of tables", "s3_endpoint": STR, "s3_region": STR, "s3_anonymous": BOOL,
-              "s3_addressing": STR},
+              "s3_addressing": STR, "s3_credentials": STR},
     "endpoint": {"dialect": STR, "region": STR, "base_url": STR, "workspace": STR,
                  "api_key_env": STR, "api_key_file": STR, "timeout": NUM,
                  "connect_timeout": NUM, "stream_idle_timeout": NUM, "read_timeout": NUM, "transport": STR,

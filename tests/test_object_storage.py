@@ -197,6 +197,47 @@ def test_no_credentials_is_an_error_and_anonymous_reads_a_public_bucket(tmp_path
     assert s3.unsigned_served > 0  # read without a signature: anonymous, not some credentials found elsewhere
 
 
+def _aws_files(tmp_path, key_id: str, secret: str) -> dict[str, str]:
+    """An AWS shared credentials file (profile "default") and the variables that point the SDK at it; the
+    instance metadata service is switched off so nothing is asked beyond 127.0.0.1."""
+    folder = tmp_path / "aws"
+    folder.mkdir(exist_ok=True)
+    (folder / "credentials").write_text(f"[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
+    (folder / "config").write_text("[default]\n")
+    return {"AWS_SHARED_CREDENTIALS_FILE": str(folder / "credentials"), "AWS_CONFIG_FILE": str(folder / "config"),
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def test_aws_chain_reads_credentials_from_a_profile(tmp_path, emulator, s3, monkeypatch):
+    """s3_credentials = "aws-chain": with no AWS_* keys in the environment, the keys of an AWS profile file sign
+    the requests (the default, "environment", stops for want of the variables)."""
+    uri, records = _upload_prompts(tmp_path, s3, "prompts.parquet", 30)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    env = _aws_files(tmp_path, KEY_ID, SECRET)
+    plain = make_job(tmp_path, emulator, name="plain", input=_s3_input(uri, s3))
+    result = run_cli("run", str(plain), env=env)
+    assert result.code == 2 and "no credentials" in result.stderr, result.stderr
+    chain = make_job(tmp_path, emulator, name="chain", input=_s3_input(uri, s3, s3_credentials="aws-chain"))
+    result = run_cli("run", str(chain), env=env)
+    assert result.code == 0, result.stderr
+    assert [r["key"] for r in read_output(tmp_path / "out/result.parquet")] == [r["id"] for r in records]
+    assert s3.unsigned_served == 0  # a private bucket: every request was signed with the profile's keys
+    (tmp_path / "aws").rename(tmp_path / "aws-moved")  # the secret is in that file; nowhere else
+    _assert_no_secret(result, tmp_path / "out")
+
+
+def test_aws_chain_with_a_wrong_profile_is_access_denied(tmp_path, emulator, s3, monkeypatch):
+    """A profile whose secret the store rejects: exit 2, access denied naming the AWS chain, the secret not shown."""
+    uri, _ = _upload_prompts(tmp_path, s3, "prompts.jsonl", 5)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    wrong = "wrong-canary-Hb27ddQ0pLx"
+    job = make_job(tmp_path, emulator, input=_s3_input(uri, s3, s3_credentials="aws-chain"))
+    result = run_cli("run", str(job), env=_aws_files(tmp_path, KEY_ID, wrong))
+    assert "access denied (credentials from the AWS chain)" in _one_error_line(result, uri)
+    assert wrong not in result.stdout + result.stderr
+
 def test_anonymous_on_a_private_bucket_is_access_denied(tmp_path, emulator, s3):
     """s3_anonymous = true on a bucket that is not public: exit 2, access denied (anonymous)."""
     uri, _ = _upload_prompts(tmp_path, s3, "prompts.jsonl", 5)
@@ -210,6 +251,9 @@ def test_anonymous_on_a_private_bucket_is_access_denied(tmp_path, emulator, s3):
     ({"path": "prompts.jsonl", "s3_endpoint": "http://127.0.0.1:9000"}, "only applies to an s3:// path"),
     ({"path": "s3://b/p.jsonl", "s3_endpoint": "127.0.0.1:9000"}, "expected an http:// or https:// URL"),
     ({"path": "s3://b/p.jsonl", "s3_addressing": "dns"}, "expected one of path, virtual"),
+    ({"path": "s3://b/p.jsonl", "s3_credentials": "profile"}, "expected one of environment, aws-chain"),
+    ({"path": "s3://b/p.jsonl", "s3_credentials": "aws-chain", "s3_anonymous": True}, "set one or the other"),
+    ({"path": "prompts.jsonl", "s3_credentials": "aws-chain"}, "only applies to an s3:// path"),
 ])
 def test_bad_object_storage_keys_are_spec_errors(tmp_path, input_keys, words):
     """A URI of another scheme, a bucket without a key, or a bad s3_* key: exit 2 naming the key."""
