@@ -132,6 +132,26 @@ def verdict(met: bool | None) -> str:
     return {True: "PASS", False: "MISS", None: "n/a "}[met]
 
 
+# Two runners on one account limit: their keys, and the labels the emulator's stats give them (the last 4
+# characters of each key).
+KEY_LABELS = {"sk-bench-a": "...ch-a", "sk-bench-b": "...ch-b"}
+
+
+def overlap_shares(snap: dict, limit: float, warmup: int) -> tuple[list[float] | None, list[int] | None]:
+    """Each runner's accepted rate as a share of `limit`, over the seconds both were busy from `warmup`
+    seconds after the later one started; (None, None) when that leaves under 5 s."""
+    clients = snap["clients"]
+    spans = [rr.active_seconds(clients[label]["series"]["arrived"]) if label in clients else None
+             for label in KEY_LABELS.values()]
+    if not all(spans):
+        return None, None
+    start, end = max(s[0] for s in spans) + warmup, min(s[1] for s in spans)
+    if end - start < 5:
+        return None, None
+    return [rr.window_rate(clients[label]["series"]["admitted"], start, end) / limit
+            for label in KEY_LABELS.values()], [start, end]
+
+
 # -- scenarios --------------------------------------------------------------------------------------
 
 
@@ -336,7 +356,6 @@ def shared(bench: Bench) -> None:
     limit = RPM / 60
     folder = bench.folder_for("shared")
     rr.write_prompts(folder, rows)
-    keys = {"sk-bench-a": "...ch-a", "sk-bench-b": "...ch-b"}  # the emulator's labels: the last 4 characters
     emulator, url = start_emulator(50.0, (), "--rpm", str(RPM))
     try:
         # The reference: each process configured with half the limit, the best static split.
@@ -345,22 +364,13 @@ def shared(bench: Bench) -> None:
             time.sleep(1.5)
             runs = [rr.launch(write_job(folder, url, f"shared-{contender.split()[0]}-{key[-1]}", concurrency=64,
                                         max_error_rate=1, drain_seconds=rr.DRAIN_SECONDS, **run_keys), key)
-                    for key in keys]
+                    for key in KEY_LABELS]
             results = rr.finish(runs, time.monotonic() + cap)
             snap = rr.stats(url)
-            clients = snap["clients"]
-            spans = [rr.active_seconds(clients[label]["series"]["arrived"]) if label in clients else None
-                     for label in keys.values()]
             row: dict[str, Any] = {"contender": contender, "runs": results, "requests": snap["requests"]}
             share_429 = rr.rejected_share(snap)
-            shares = combined = None
-            if all(spans):
-                start, end = max(s[0] for s in spans) + 10, min(s[1] for s in spans)  # both busy, warmed up
-                if end - start >= 5:
-                    shares = [rr.window_rate(clients[label]["series"]["admitted"], start, end) / limit
-                              for label in keys.values()]
-                    combined = sum(shares)
-                    row["window_s"] = [start, end]
+            shares, row["window_s"] = overlap_shares(snap, limit, warmup=10)  # both busy, warmed up
+            combined = sum(shares) if shares else None
             row.update(combined_share=combined and round(combined, 3),
                        shares=shares and [round(s, 3) for s in shares], share_429=share_429 and round(share_429, 4))
             bench.record("shared", row, f"{limit:g}/s, 2 clients",
@@ -381,37 +391,27 @@ def shared(bench: Bench) -> None:
 
 def latecomer(bench: Bench) -> None:
     """Beyond the issue's acceptance: a second job starting on a limit the first already uses whole."""
-    rows, cap, delay = bench.size(20_000, 8_000), bench.size(120, 60), 5.0
+    rows, cap, delay = bench.size(20_000, 15_000), bench.size(120, 90), 5.0  # the first must run 25 s past the second's start
     rpm = 30_000  # 500/s: where the simulation shows a latecomer's slow climb
     limit = rpm / 60
     folder = bench.folder_for("latecomer")
     rr.write_prompts(folder, rows)
-    keys = {"sk-bench-a": "...ch-a", "sk-bench-b": "...ch-b"}  # the emulator's labels: the last 4 characters
     emulator, url = start_emulator(50.0, (), "--rpm", str(rpm))
     try:
         rr.reset(url)
         time.sleep(1.5)
-        jobs = [write_job(folder, url, f"late-{key[-1]}", concurrency=64, max_error_rate=1,
-                          drain_seconds=rr.DRAIN_SECONDS) for key in keys]
+        first, second = (write_job(folder, url, f"late-{key[-1]}", concurrency=64, max_error_rate=1,
+                                   drain_seconds=rr.DRAIN_SECONDS) for key in KEY_LABELS)
         deadline = time.monotonic() + cap
-        runs = [rr.launch(jobs[0], "sk-bench-a")]
+        runs = [rr.launch(first, "sk-bench-a")]
         time.sleep(delay)
-        runs.append(rr.launch(jobs[1], "sk-bench-b"))
+        runs.append(rr.launch(second, "sk-bench-b"))
         results = rr.finish(runs, deadline)
         snap = rr.stats(url)
-        clients = snap["clients"]
-        spans = [rr.active_seconds(clients[label]["series"]["arrived"]) if label in clients else None
-                 for label in keys.values()]
         row: dict[str, Any] = {"contender": "default", "runs": results, "requests": snap["requests"],
                                "delay_s": delay, "limit_per_s": limit}
         share_429 = rr.rejected_share(snap)
-        shares = None
-        if all(spans):
-            start, end = spans[1][0] + 20, min(s[1] for s in spans)  # from 20 s after the latecomer starts
-            if end - start >= 5:
-                shares = [rr.window_rate(clients[label]["series"]["admitted"], start, end) / limit
-                          for label in keys.values()]
-                row["window_s"] = [start, end]
+        shares, row["window_s"] = overlap_shares(snap, limit, warmup=20)  # from 20 s after the latecomer starts
         row.update(shares=shares and [round(x, 3) for x in shares], share_429=share_429 and round(share_429, 4))
         bench.record("latecomer", row, f"{limit:g}/s, 2nd {delay:g} s later",
                      "first / latecomer " + ("-" if not shares else " / ".join(f"{100 * x:.1f}%" for x in shares))
