@@ -303,8 +303,11 @@ class AdaptiveRate:
                 window.throttled += 1
                 window.burst = window.burst or code in BURST_CODES
                 if sent_at is not None:
-                    window.throttled_first = min(window.throttled_first or sent_at, sent_at)
-                    window.throttled_last = max(window.throttled_last or sent_at, sent_at)
+                    if window.throttled_first is None or window.throttled_last is None:
+                        window.throttled_first = window.throttled_last = sent_at
+                    else:
+                        window.throttled_first = min(window.throttled_first, sent_at)
+                        window.throttled_last = max(window.throttled_last, sent_at)
             if window.drained_from is not None and sent_at is not None and sent_at > window.drained_from:
                 window.drained_answers += 1
                 window.drained_accepted += accepted

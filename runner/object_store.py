@@ -232,9 +232,7 @@ def _filesystem(uri: ObjectUri, settings: ObjectStoreSettings):
         options["force_virtual_addressing"] = True
     if settings.anonymous:
         options["anonymous"] = True
-    elif settings.credentials == "aws-chain":
-        pass  # pyarrow's S3FileSystem without keys uses the AWS SDK's default provider chain
-    else:
+    elif settings.credentials == "environment":  # "aws-chain" passes no keys: the AWS SDK's default chain
         key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
         if not key_id or not secret:
             missing = " and ".join(n for n, v in zip(CREDENTIAL_ENV, (key_id, secret)) if not v)

@@ -179,10 +179,11 @@ def validate_job(spec: JobSpec, *, show: int = 10) -> ValidationReport:
         report.output_tokens_max += int(cap) * answers
         report.output_tokens_expected += expected
         if price is None:
+            if request.model not in report.unpriced_models:  # once a model, not once a row: difflib is not free
+                near = prices.near_names(request.model)
+                if near:
+                    report.near_names[request.model] = near
             report.unpriced_models.add(request.model)
-            near = prices.near_names(request.model)
-            if near:
-                report.near_names[request.model] = near
         else:
             # The estimate errs by up to ~25% either way on input; output between expected and the cap.
             low += (input_tokens * 0.8 * price.input + expected * price.output) / PER_TOKENS
